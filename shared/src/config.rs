@@ -1,0 +1,115 @@
+//! Config loading: `config/natter.toml` (or `--config` / `NATTER_CONFIG`) gives the
+//! defaults; each binary's flags, each with an environment variable, override them.
+
+use crate::jetstream::JetStreamSettings;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config {path} is invalid: {source}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+}
+
+/// The whole of natter.toml; every section is optional.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FileConfig {
+    pub nats: NatsSection,
+    pub jetstream: JetStreamSettings,
+    pub models: ModelsSection,
+    pub worker: WorkerSection,
+    pub http: HttpSection,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsSection {
+    pub url: String,
+}
+
+impl Default for NatsSection {
+    fn default() -> Self {
+        NatsSection { url: "nats://127.0.0.1:4222".into() }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelsSection {
+    /// Where fetched weights and converted caches live.
+    pub dir: PathBuf,
+    pub catalog: PathBuf,
+}
+
+impl Default for ModelsSection {
+    fn default() -> Self {
+        ModelsSection { dir: "models".into(), catalog: "config/models.toml".into() }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerSection {
+    /// Catalog ids this worker serves; empty means the default chat model.
+    pub serve: Vec<String>,
+    /// Compute threads for inference; 0 means one per core.
+    pub threads: usize,
+    /// How long SIGTERM waits for running jobs before handing them back.
+    pub drain_secs: f64,
+    /// Longest prompt + answer a chat job may use, capped by the model's own window.
+    pub max_context: usize,
+}
+
+impl Default for WorkerSection {
+    fn default() -> Self {
+        WorkerSection { serve: Vec::new(), threads: 0, drain_secs: 20.0, max_context: 4096 }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSection {
+    pub addr: SocketAddr,
+    /// Longest a request waits for a job to finish before giving up on it.
+    pub job_timeout_secs: f64,
+}
+
+impl Default for HttpSection {
+    fn default() -> Self {
+        HttpSection { addr: "127.0.0.1:8080".parse().unwrap(), job_timeout_secs: 600.0 }
+    }
+}
+
+impl FileConfig {
+    /// Reads `path`; a missing file at the default location yields the defaults,
+    /// but a path the user named must exist.
+    pub fn load(path: &Path, user_named: bool) -> Result<FileConfig, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !user_named => Ok(FileConfig::default()),
+            Err(source) => Err(ConfigError::Read { path: path.into(), source }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/natter.toml");
+        let config = FileConfig::load(&path, true).unwrap();
+        assert_eq!(config.http.addr.port(), 8080);
+        assert!(config.jetstream.max_attempts >= 1);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        assert!(toml::from_str::<FileConfig>("[nats]\nurll = 'x'").is_err());
+    }
+}

@@ -1,0 +1,171 @@
+//! The JetStream streams and consumers every natter process shares.
+//!
+//! Whoever starts first creates them; later processes find them in place. The
+//! settings that matter for correctness (work-queue retention, explicit acks,
+//! bounded redelivery) are fixed here rather than left to each caller.
+
+use crate::proto::JobKind;
+use crate::subjects;
+use async_nats::jetstream::{self, consumer, stream};
+use serde::Deserialize;
+use std::time::Duration;
+
+pub const JOBS_STREAM: &str = "NATTER_JOBS";
+pub const EVENTS_STREAM: &str = "NATTER_EVENTS";
+pub const CANCEL_STREAM: &str = "NATTER_CANCEL";
+pub const BLOB_BUCKET: &str = "NATTER_BLOBS";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("cannot create stream {name}: {source}")]
+    Stream { name: &'static str, source: jetstream::context::CreateStreamError },
+    #[error("cannot create consumer {name}: {source}")]
+    Consumer { name: String, source: jetstream::stream::ConsumerError },
+    #[error("cannot create object store {BLOB_BUCKET}: {0}")]
+    Bucket(#[from] jetstream::context::CreateObjectStoreError),
+}
+
+/// Delivery and retention settings, from `[jetstream]` in natter.toml.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JetStreamSettings {
+    /// How long a worker may go silent on a job before it is redelivered. Workers
+    /// send in-progress acks well inside this, so only a dead worker hits it.
+    #[serde(with = "secs")]
+    pub ack_wait: Duration,
+    /// Deliveries a job gets before it is reported as failed to its user.
+    pub max_attempts: i64,
+    /// How long a job's events stay replayable (a restarted front-end resumes from them).
+    #[serde(with = "secs")]
+    pub events_max_age: Duration,
+    /// Jobs nobody picked up within this are dropped from the queue.
+    #[serde(with = "secs")]
+    pub jobs_max_age: Duration,
+}
+
+impl Default for JetStreamSettings {
+    fn default() -> Self {
+        JetStreamSettings {
+            ack_wait: Duration::from_secs(30),
+            max_attempts: 3,
+            events_max_age: Duration::from_secs(3600),
+            jobs_max_age: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+mod secs {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = f64::deserialize(d)?;
+        if !s.is_finite() || s <= 0.0 {
+            return Err(serde::de::Error::custom("durations are positive seconds"));
+        }
+        Ok(Duration::from_secs_f64(s))
+    }
+}
+
+/// Creates (or finds) the three streams natter uses.
+pub async fn ensure_streams(
+    js: &jetstream::Context,
+    settings: &JetStreamSettings,
+) -> Result<Streams, SetupError> {
+    let jobs = js
+        .get_or_create_stream(stream::Config {
+            name: JOBS_STREAM.into(),
+            subjects: vec![subjects::JOBS_ALL.into()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            max_age: settings.jobs_max_age,
+            ..Default::default()
+        })
+        .await
+        .map_err(|source| SetupError::Stream { name: JOBS_STREAM, source })?;
+    let events = js
+        .get_or_create_stream(stream::Config {
+            name: EVENTS_STREAM.into(),
+            subjects: vec![subjects::EVENTS_ALL.into()],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            max_age: settings.events_max_age,
+            ..Default::default()
+        })
+        .await
+        .map_err(|source| SetupError::Stream { name: EVENTS_STREAM, source })?;
+    // Cancellations are kept too: a job cancelled while still queued is dropped by
+    // whichever worker fetches it later, even one that started after the cancel.
+    let cancels = js
+        .get_or_create_stream(stream::Config {
+            name: CANCEL_STREAM.into(),
+            subjects: vec![subjects::CANCEL_ALL.into()],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            max_age: settings.jobs_max_age,
+            max_messages_per_subject: 1,
+            ..Default::default()
+        })
+        .await
+        .map_err(|source| SetupError::Stream { name: CANCEL_STREAM, source })?;
+    Ok(Streams { jobs, events, cancels })
+}
+
+pub struct Streams {
+    pub jobs: stream::Stream,
+    pub events: stream::Stream,
+    pub cancels: stream::Stream,
+}
+
+/// Durable consumer name for the workers serving `(kind, model)`; every worker
+/// serving the pair binds the same one, so JetStream spreads jobs among them.
+pub fn consumer_name(kind: JobKind, model: &str) -> String {
+    format!("{kind}_{model}")
+}
+
+/// Binds the shared durable pull consumer for `(kind, model)`.
+///
+/// `MaxDeliver` is one more than `max_attempts`: the extra delivery is the one on
+/// which a worker reports the job as failed instead of running it again, so a
+/// job that keeps killing workers still reaches its user as a `failed` event.
+pub async fn job_consumer(
+    jobs: &stream::Stream,
+    kind: JobKind,
+    model: &str,
+    settings: &JetStreamSettings,
+) -> Result<consumer::PullConsumer, SetupError> {
+    let name = consumer_name(kind, model);
+    jobs.get_or_create_consumer(
+        &name,
+        consumer::pull::Config {
+            durable_name: Some(name.clone()),
+            filter_subject: subjects::job(kind, model),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: settings.ack_wait,
+            max_deliver: settings.max_attempts + 1,
+            // Workers bound their own intake by fetching only when an engine slot is
+            // free; this is the fleet-wide ceiling.
+            max_ack_pending: 1024,
+            ..Default::default()
+        },
+    )
+    .await
+    .map_err(|source| SetupError::Consumer { name, source })
+}
+
+/// The object store bucket for blobs above [`crate::proto::INLINE_BLOB_LIMIT`].
+pub async fn blob_store(
+    js: &jetstream::Context,
+    settings: &JetStreamSettings,
+) -> Result<jetstream::object_store::ObjectStore, SetupError> {
+    if let Ok(store) = js.get_object_store(BLOB_BUCKET).await {
+        return Ok(store);
+    }
+    Ok(js
+        .create_object_store(jetstream::object_store::Config {
+            bucket: BLOB_BUCKET.into(),
+            max_age: settings.jobs_max_age,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await?)
+}

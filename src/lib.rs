@@ -1,0 +1,1 @@
+//! natter: end-to-end tests live in tests/.

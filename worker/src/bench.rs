@@ -1,0 +1,103 @@
+//! `natter-worker bench`: single-stream chat speed on the real engine, printed as
+//! a table. A benchmark, not a test: figures depend on the machine.
+
+use crate::chat::ChatEngine;
+use crate::config::{ConfigLoadError, Loaded};
+use crate::fetch;
+use clap::Args;
+use natter_shared::proto::{ChatInput, ChatMessage, JobKind, Role, SamplingParams};
+
+#[derive(Args, Clone, Debug)]
+pub struct BenchArgs {
+    /// Catalog id (default: the default chat model).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Inference threads (0 = one per core).
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// Prompt length in tokens (after the chat template).
+    #[arg(long, default_value_t = 512)]
+    pub prompt_tokens: usize,
+    /// Tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    pub gen_tokens: u32,
+    /// Measured repetitions (after one warm-up).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Config(#[from] ConfigLoadError),
+    #[error(transparent)]
+    Fetch(#[from] fetch::FetchError),
+    #[error("{0}")]
+    Engine(String),
+}
+
+pub fn run(args: &BenchArgs, loaded: &Loaded) -> Result<(), BenchError> {
+    let entry = match &args.model {
+        Some(id) => loaded.catalog.get(id).ok_or_else(|| BenchError::Engine(format!("model `{id}` is not in the catalog")))?,
+        None => loaded.catalog.default_for(JobKind::Chat).ok_or(ConfigLoadError::NoDefault)?,
+    };
+    let path = fetch::resolve(entry, &loaded.models_dir)?;
+    let mut engine = ChatEngine::load(&path, (args.prompt_tokens + args.gen_tokens as usize + 64).max(4096))
+        .map_err(BenchError::Engine)?;
+    engine.set_ignore_eos(true);
+    let text = prompt_of_length(&engine, args.prompt_tokens)?;
+    let input = ChatInput {
+        messages: vec![ChatMessage { role: Role::User, content: text }],
+        params: SamplingParams { temperature: 0.0, max_tokens: args.gen_tokens, repeat_penalty: 1.0, ..Default::default() },
+    };
+    let mut rows = Vec::new();
+    for i in 0..=args.runs {
+        let done = engine.generate(&input, &|| false, &mut |_| {}).map_err(|e| BenchError::Engine(e.to_string()))?;
+        if i > 0 {
+            rows.push(done.metrics);
+        }
+    }
+    let mean = |f: &dyn Fn(&natter_shared::proto::Metrics) -> f64| rows.iter().map(f).sum::<f64>() / rows.len() as f64;
+    println!("model {} ({}), {} threads, {} runs after one warm-up", entry.id, path.display(), args.threads, args.runs);
+    println!("| prompt tokens | generated | TTFT ms | prompt tok/s | decode tok/s | peak RSS MB |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| {} | {} | {:.1} | {:.1} | {:.1} | {:.0} |",
+        rows[0].prompt_tokens,
+        rows[0].completion_tokens,
+        mean(&|m| m.time_to_first_token_ms.unwrap_or(0.0)),
+        mean(&|m| m.prompt_tokens_per_s.unwrap_or(0.0)),
+        mean(&|m| m.decode_tokens_per_s.unwrap_or(0.0)),
+        peak_rss_mb()
+    );
+    Ok(())
+}
+
+/// A user message whose templated prompt is about `target` tokens long.
+fn prompt_of_length(engine: &ChatEngine, target: usize) -> Result<String, BenchError> {
+    const SENTENCE: &str = "The quick brown fox jumps over the lazy dog near the river bank. ";
+    let len = |n: usize| {
+        let msg = ChatMessage { role: Role::User, content: SENTENCE.repeat(n) };
+        engine.build_prompt(&[msg], 1).map(|p| p.tokens.len()).map_err(|e| BenchError::Engine(e.to_string()))
+    };
+    let (mut lo, mut hi) = (1usize, 1usize);
+    while len(hi)? < target {
+        hi *= 2;
+    }
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        if len(mid)? < target {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(SENTENCE.repeat(lo))
+}
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .map_or(0.0, |kb| kb / 1024.0)
+}

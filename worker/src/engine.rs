@@ -1,0 +1,176 @@
+//! The engine abstraction: one trait every job kind implements, and the handle
+//! that runs an engine on its own thread behind a bounded channel.
+//!
+//! Inference is CPU-bound and would stall the async runtime (acks, heartbeats,
+//! cancellations) if it ran on it, so each engine lives on a dedicated OS thread.
+//! The runner talks to it only through [`EngineHandle`].
+
+use natter_shared::proto::{ErrorCode, EventBody, Job, JobKind, JobResult, Metrics};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+
+/// What a job finished with.
+#[derive(Debug)]
+pub struct Completed {
+    pub result: JobResult,
+    pub metrics: Metrics,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The job was stopped through its [`CancelFlag`].
+    #[error("cancelled")]
+    Cancelled,
+    /// The job cannot be done; the message is shown to the user.
+    #[error("{message}")]
+    Failed { code: ErrorCode, message: String },
+}
+
+impl EngineError {
+    pub fn bad_input(message: impl Into<String>) -> Self {
+        EngineError::Failed { code: ErrorCode::BadInput, message: message.into() }
+    }
+
+    /// An engine fault; the detail goes to the log, the user gets a generic line.
+    pub fn internal(job: &Job, err: impl std::fmt::Display) -> Self {
+        tracing::error!(job = %job.id, "engine error: {err}");
+        EngineError::Failed { code: ErrorCode::Internal, message: "the model failed while running this job".into() }
+    }
+}
+
+/// Why a running job should stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CancelReason {
+    /// The user asked: the job ends with a `cancelled` event.
+    User,
+    /// The worker is shutting down: the job is handed back to the queue.
+    Shutdown,
+}
+
+/// Set from the async side, polled by the engine once per decode step.
+#[derive(Debug, Default)]
+pub struct CancelFlag(AtomicU8);
+
+impl CancelFlag {
+    pub fn cancel(&self, reason: CancelReason) {
+        // fetch_max: a user cancel wins over a shutdown, since the user asked for
+        // the job to end rather than to run elsewhere.
+        let code = match reason {
+            CancelReason::Shutdown => 1,
+            CancelReason::User => 2,
+        };
+        self.0.fetch_max(code, Ordering::SeqCst);
+    }
+
+    pub fn reason(&self) -> Option<CancelReason> {
+        match self.0.load(Ordering::SeqCst) {
+            0 => None,
+            1 => Some(CancelReason::Shutdown),
+            _ => Some(CancelReason::User),
+        }
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::Relaxed) != 0
+    }
+}
+
+/// What an engine sees of the job's surroundings while it runs.
+pub struct JobContext {
+    events: mpsc::Sender<EventBody>,
+    cancel: Arc<CancelFlag>,
+}
+
+impl JobContext {
+    pub fn new(events: mpsc::Sender<EventBody>, cancel: Arc<CancelFlag>) -> Self {
+        JobContext { events, cancel }
+    }
+
+    /// Streams an event to the user. Blocks when the publisher falls behind, which
+    /// slows the engine rather than buffering without bound.
+    pub fn emit(&self, body: EventBody) {
+        let _ = self.events.blocking_send(body);
+    }
+
+    /// Returns `Err(Cancelled)` once the job should stop.
+    pub fn check_cancelled(&self) -> Result<(), EngineError> {
+        if self.cancel.is_set() {
+            Err(EngineError::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// A model that turns jobs of one kind into results.
+pub trait Engine: Send + 'static {
+    fn kind(&self) -> JobKind;
+    fn run(&mut self, job: &Job, ctx: &JobContext) -> Result<Completed, EngineError>;
+}
+
+struct Request {
+    job: Job,
+    ctx: JobContext,
+    reply: oneshot::Sender<Result<Completed, EngineError>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{0}")]
+    Failed(String),
+    #[error("the engine thread died while loading")]
+    ThreadDied,
+}
+
+/// The async side's handle to an engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    requests: mpsc::Sender<Request>,
+}
+
+impl EngineHandle {
+    /// Starts a thread, loads the engine on it, and reports the load's outcome.
+    /// The channel holds one waiting job: the runner fetches a job only when a
+    /// slot is free, so this never grows.
+    pub async fn spawn<E, F>(name: &str, load: F) -> Result<EngineHandle, LoadError>
+    where
+        E: Engine,
+        F: FnOnce() -> Result<E, String> + Send + 'static,
+    {
+        let (requests, mut inbox) = mpsc::channel::<Request>(1);
+        let (loaded_tx, loaded_rx) = oneshot::channel();
+        std::thread::Builder::new()
+            .name(format!("engine-{name}"))
+            .spawn(move || {
+                let mut engine = match load() {
+                    Ok(engine) => {
+                        let _ = loaded_tx.send(Ok(()));
+                        engine
+                    }
+                    Err(e) => {
+                        let _ = loaded_tx.send(Err(e));
+                        return;
+                    }
+                };
+                while let Some(Request { job, ctx, reply }) = inbox.blocking_recv() {
+                    let outcome = engine.run(&job, &ctx);
+                    let _ = reply.send(outcome);
+                }
+            })
+            .map_err(|e| LoadError::Failed(format!("cannot start engine thread: {e}")))?;
+        match loaded_rx.await {
+            Ok(Ok(())) => Ok(EngineHandle { requests }),
+            Ok(Err(e)) => Err(LoadError::Failed(e)),
+            Err(_) => Err(LoadError::ThreadDied),
+        }
+    }
+
+    /// Runs one job; events stream through `ctx` while this awaits the outcome.
+    pub async fn run(&self, job: Job, ctx: JobContext) -> Result<Completed, EngineError> {
+        let (reply, outcome) = oneshot::channel();
+        let died = || EngineError::Failed { code: ErrorCode::Internal, message: "the engine stopped".into() };
+        self.requests.send(Request { job, ctx, reply }).await.map_err(|_| died())?;
+        outcome.await.map_err(|_| died())?
+    }
+}

@@ -1,0 +1,117 @@
+//! natter-worker: pulls jobs from NATS JetStream and runs them on local models.
+//!
+//! [`run`] connects, ensures the shared streams, loads one engine per served model
+//! (each on its own thread), binds the model's durable consumer, registers the
+//! worker with the NATS service API, and serves until `shutdown` resolves, then
+//! drains.
+
+pub mod bench;
+pub mod chat;
+pub mod config;
+pub mod engine;
+pub mod fetch;
+mod runner;
+mod service;
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;
+
+use crate::chat::ChatEngine;
+use crate::engine::EngineHandle;
+use natter_shared::catalog::Catalog;
+use natter_shared::jetstream::{self as js_setup, JetStreamSettings};
+use natter_shared::proto::JobKind;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("cannot connect to NATS at {url}: {source}")]
+    Connect { url: String, source: async_nats::ConnectError },
+    #[error(transparent)]
+    Setup(#[from] js_setup::SetupError),
+    #[error("model `{0}` is not in the catalog")]
+    UnknownModel(String),
+    #[error("model `{id}` is a {kind} model; this worker has no {kind} engine yet")]
+    NoEngine { id: String, kind: JobKind },
+    #[error(transparent)]
+    Fetch(#[from] fetch::FetchError),
+    #[error("cannot load model `{id}`: {source}")]
+    Load { id: String, source: engine::LoadError },
+    #[error("cannot register with the NATS service API: {0}")]
+    Service(String),
+}
+
+/// Everything [`run`] needs, already resolved from flags, env and natter.toml.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    pub nats_url: String,
+    pub jetstream: JetStreamSettings,
+    pub catalog: Catalog,
+    pub models_dir: PathBuf,
+    /// Catalog ids to serve.
+    pub serve: Vec<String>,
+    /// Longest prompt + answer for chat jobs.
+    pub max_context: usize,
+    /// How long SIGTERM waits for running jobs before handing them back.
+    pub drain: Duration,
+    /// Shown in `accepted` events and the service API.
+    pub name: String,
+}
+
+pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
+    let client = async_nats::ConnectOptions::new()
+        .name(format!("natter-worker {}", config.name))
+        .connect(&config.nats_url)
+        .await
+        .map_err(|source| WorkerError::Connect { url: config.nats_url.clone(), source })?;
+    let js = async_nats::jetstream::new(client.clone());
+    let streams = js_setup::ensure_streams(&js, &config.jetstream).await?;
+
+    let mut served = Vec::new();
+    for id in &config.serve {
+        let entry = config.catalog.get(id).ok_or_else(|| WorkerError::UnknownModel(id.clone()))?;
+        if entry.kind != JobKind::Chat {
+            return Err(WorkerError::NoEngine { id: id.clone(), kind: entry.kind });
+        }
+        let path = fetch::resolve(entry, &config.models_dir)?;
+        tracing::info!(model = %id, path = %path.display(), "loading");
+        let max_context = config.max_context;
+        let engine = EngineHandle::spawn(id, move || ChatEngine::load(&path, max_context))
+            .await
+            .map_err(|source| WorkerError::Load { id: id.clone(), source })?;
+        let consumer = js_setup::job_consumer(&streams.jobs, entry.kind, id, &config.jetstream).await?;
+        served.push((entry.clone(), engine, consumer));
+    }
+
+    let shared = Arc::new(runner::Shared::new(
+        js.clone(),
+        streams.cancels.clone(),
+        config.jetstream.clone(),
+        config.name.clone(),
+        config.drain,
+    ));
+    let models: Vec<_> = served.iter().map(|(e, _, _)| e.clone()).collect();
+    let service = service::register(&client, &config.name, &models, shared.clone())
+        .await
+        .map_err(WorkerError::Service)?;
+
+    let stop = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(runner::listen_for_cancels(client.clone(), shared.clone(), stop.clone()));
+    for (entry, engine, consumer) in served {
+        tracing::info!(model = %entry.id, kind = %entry.kind, "serving");
+        tasks.spawn(runner::serve_model(shared.clone(), consumer, entry.id, engine, 1, stop.clone()));
+    }
+    tracing::info!(worker = %config.name, "ready");
+    shutdown.await;
+    tracing::info!("stopping: no new jobs; draining running ones");
+    stop.cancel();
+    while tasks.join_next().await.is_some() {}
+    service.stop().await;
+    let _ = client.flush().await;
+    tracing::info!("stopped");
+    Ok(())
+}

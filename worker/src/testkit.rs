@@ -1,0 +1,107 @@
+//! Tiny models the tests write themselves, so the real GGUF loader, tokenizer,
+//! template and sampler run in milliseconds.
+
+use candle_core::quantized::gguf_file::Value;
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+use std::path::Path;
+
+/// GPT-2's byte-to-character map: printable bytes stand for themselves, the rest
+/// are shifted past 255, so every byte is a visible vocab entry.
+fn byte_chars() -> Vec<char> {
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let mut shifted = 0;
+    (0u32..256)
+        .map(|b| {
+            if printable(b) {
+                char::from_u32(b).unwrap()
+            } else {
+                shifted += 1;
+                char::from_u32(255 + shifted).unwrap()
+            }
+        })
+        .collect()
+}
+
+pub const TINY_CONTEXT: u32 = 256;
+
+/// Writes a two-layer llama GGUF with random weights (fixed seed), a byte-level
+/// BPE vocab with ChatML specials, the smollm pre-tokenizer tag and a ChatML
+/// template. Matrices are stored as `matrix_dtype` (Q4_1 exercises the Q8_0
+/// conversion).
+pub fn write_tiny_llama(path: &Path, matrix_dtype: GgmlDType) {
+    let mut tokens: Vec<String> = byte_chars().into_iter().map(String::from).collect();
+    let merges = [("h", "e"), ("l", "l"), ("Ġ", "t")];
+    for (a, b) in merges {
+        tokens.push(format!("{a}{b}"));
+    }
+    let specials = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"];
+    let first_special = tokens.len() as u32;
+    tokens.extend(specials.iter().map(|s| s.to_string()));
+    let vocab = tokens.len();
+    let mut token_types = vec![Value::I32(1); vocab];
+    for t in token_types.iter_mut().skip(first_special as usize) {
+        *t = Value::I32(3);
+    }
+
+    let (dim, ff, heads, kv_heads, layers) = (64usize, 128usize, 4u32, 2u32, 2u32);
+    let head_dim = dim / heads as usize;
+    let kv_dim = head_dim * kv_heads as usize;
+    let template = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+    let metadata: Vec<(&str, Value)> = vec![
+        ("general.architecture", Value::String("llama".into())),
+        ("general.name", Value::String("natter tiny test llama".into())),
+        ("llama.block_count", Value::U32(layers)),
+        ("llama.context_length", Value::U32(TINY_CONTEXT)),
+        ("llama.embedding_length", Value::U32(dim as u32)),
+        ("llama.feed_forward_length", Value::U32(ff as u32)),
+        ("llama.attention.head_count", Value::U32(heads)),
+        ("llama.attention.head_count_kv", Value::U32(kv_heads)),
+        ("llama.rope.dimension_count", Value::U32(head_dim as u32)),
+        ("llama.rope.freq_base", Value::F32(10000.0)),
+        ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
+        ("tokenizer.ggml.model", Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre", Value::String("smollm".into())),
+        ("tokenizer.ggml.tokens", Value::Array(tokens.iter().cloned().map(Value::String).collect())),
+        ("tokenizer.ggml.token_type", Value::Array(token_types)),
+        (
+            "tokenizer.ggml.merges",
+            Value::Array(merges.iter().map(|(a, b)| Value::String(format!("{a} {b}"))).collect()),
+        ),
+        ("tokenizer.ggml.bos_token_id", Value::U32(first_special + 2)),
+        ("tokenizer.ggml.eos_token_id", Value::U32(first_special + 1)),
+        ("tokenizer.chat_template", Value::String(template.into())),
+    ];
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut random = |rows: usize, cols: usize, scale: f32| {
+        let data: Vec<f32> = (0..rows * cols).map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale).collect();
+        Tensor::from_vec(data, (rows, cols), &Device::Cpu).unwrap()
+    };
+    let ones = |n: usize| QTensor::quantize(&Tensor::ones(n, candle_core::DType::F32, &Device::Cpu).unwrap(), GgmlDType::F32).unwrap();
+    let q = |t: Tensor| QTensor::quantize(&t, matrix_dtype).unwrap();
+
+    let mut tensors: Vec<(String, QTensor)> = vec![
+        ("token_embd.weight".into(), q(random(vocab, dim, 1.0))),
+        ("output_norm.weight".into(), ones(dim)),
+        ("output.weight".into(), q(random(vocab, dim, 0.5))),
+    ];
+    for l in 0..layers {
+        let p = |name: &str| format!("blk.{l}.{name}.weight");
+        tensors.push((p("attn_norm"), ones(dim)));
+        tensors.push((p("attn_q"), q(random(dim, dim, 0.2))));
+        tensors.push((p("attn_k"), q(random(kv_dim, dim, 0.2))));
+        tensors.push((p("attn_v"), q(random(kv_dim, dim, 0.2))));
+        tensors.push((p("attn_output"), q(random(dim, dim, 0.2))));
+        tensors.push((p("ffn_norm"), ones(dim)));
+        tensors.push((p("ffn_gate"), q(random(ff, dim, 0.2))));
+        tensors.push((p("ffn_up"), q(random(ff, dim, 0.2))));
+        tensors.push((p("ffn_down"), q(random(dim, ff, 0.2))));
+    }
+    let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut file = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    gguf_file::write(&mut file, &md, &ts).unwrap();
+    std::io::Write::flush(&mut file).unwrap();
+}

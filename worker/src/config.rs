@@ -4,7 +4,6 @@ use crate::WorkerConfig;
 use clap::Args;
 use natter_shared::catalog::{Catalog, CatalogError};
 use natter_shared::config::{ConfigError, FileConfig};
-use natter_shared::proto::JobKind;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -28,7 +27,7 @@ pub struct RunArgs {
     /// NATS server URL.
     #[arg(long, env = "NATS_URL")]
     pub nats_url: Option<String>,
-    /// Catalog ids to serve, comma-separated (default: the default chat model).
+    /// Catalog ids to serve, comma-separated (default: the default chat and NER models).
     #[arg(long, env = "NATTER_SERVE", value_delimiter = ',')]
     pub serve: Vec<String>,
     /// Inference threads (0 = one per core).
@@ -57,7 +56,7 @@ pub enum ConfigLoadError {
     File(#[from] ConfigError),
     #[error(transparent)]
     Catalog(#[from] CatalogError),
-    #[error("the catalog has no default chat model; name one with --serve")]
+    #[error("the catalog has no default model; name one with --serve")]
     NoDefault,
     #[error("{0}")]
     Invalid(String),
@@ -91,7 +90,10 @@ impl RunArgs {
         let mut serve = if self.serve.is_empty() { file.worker.serve.clone() } else { self.serve.clone() };
         serve.retain(|s| !s.trim().is_empty());
         if serve.is_empty() {
-            serve.push(catalog.default_for(JobKind::Chat).ok_or(ConfigLoadError::NoDefault)?.id.clone());
+            serve = crate::SERVED_KINDS.iter().filter_map(|k| catalog.default_for(*k)).map(|m| m.id.clone()).collect();
+            if serve.is_empty() {
+                return Err(ConfigLoadError::NoDefault);
+            }
         }
         let mut jetstream = file.jetstream.clone();
         if let Some(secs) = self.ack_wait {

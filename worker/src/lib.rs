@@ -10,6 +10,7 @@ pub mod chat;
 pub mod config;
 pub mod engine;
 pub mod fetch;
+pub mod ner;
 mod runner;
 mod service;
 #[cfg(any(test, feature = "testkit"))]
@@ -17,6 +18,7 @@ pub mod testkit;
 
 use crate::chat::ChatEngine;
 use crate::engine::EngineHandle;
+use crate::ner::NerEngine;
 use natter_shared::catalog::Catalog;
 use natter_shared::jetstream::{self as js_setup, JetStreamSettings};
 use natter_shared::proto::JobKind;
@@ -43,6 +45,9 @@ pub enum WorkerError {
     #[error("cannot register with the NATS service API: {0}")]
     Service(String),
 }
+
+/// The job kinds this worker has engines for.
+pub const SERVED_KINDS: [JobKind; 2] = [JobKind::Chat, JobKind::Ner];
 
 /// Everything [`run`] needs, already resolved from flags, env and natter.toml.
 #[derive(Clone, Debug)]
@@ -73,15 +78,15 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> Re
     let mut served = Vec::new();
     for id in &config.serve {
         let entry = config.catalog.get(id).ok_or_else(|| WorkerError::UnknownModel(id.clone()))?;
-        if entry.kind != JobKind::Chat {
-            return Err(WorkerError::NoEngine { id: id.clone(), kind: entry.kind });
-        }
         let path = fetch::resolve(entry, &config.models_dir)?;
         tracing::info!(model = %id, path = %path.display(), "loading");
         let max_context = config.max_context;
-        let engine = EngineHandle::spawn(id, move || ChatEngine::load(&path, max_context))
-            .await
-            .map_err(|source| WorkerError::Load { id: id.clone(), source })?;
+        let engine = match entry.kind {
+            JobKind::Chat => EngineHandle::spawn(id, move || ChatEngine::load(&path, max_context)).await,
+            JobKind::Ner => EngineHandle::spawn(id, move || NerEngine::load(&path)).await,
+            kind => return Err(WorkerError::NoEngine { id: id.clone(), kind }),
+        }
+        .map_err(|source| WorkerError::Load { id: id.clone(), source })?;
         let consumer = js_setup::job_consumer(&streams.jobs, entry.kind, id, &config.jetstream).await?;
         served.push((entry.clone(), engine, consumer));
     }

@@ -2,7 +2,6 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use natter_shared::proto::JobKind;
 use natter_worker::config::{CommonArgs, RunArgs};
 
 #[derive(Parser)]
@@ -29,7 +28,7 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ModelsCommand {
-    /// Download a model (default: the default chat model) into the models directory.
+    /// Download models (default: the default model of each kind a worker serves).
     Fetch {
         /// Catalog ids; `all` fetches every model.
         ids: Vec<String>,
@@ -66,7 +65,7 @@ fn main() -> anyhow::Result<()> {
         }
         Some(Command::Models(ModelsCommand::Fetch { ids })) => {
             let entries: Vec<_> = if ids.is_empty() {
-                vec![loaded.catalog.default_for(JobKind::Chat).context("the catalog has no chat model")?.clone()]
+                natter_worker::SERVED_KINDS.iter().filter_map(|k| loaded.catalog.default_for(*k).cloned()).collect()
             } else if ids.iter().any(|i| i == "all") {
                 loaded.catalog.models.clone()
             } else {

@@ -105,3 +105,75 @@ pub fn write_tiny_llama(path: &Path, matrix_dtype: GgmlDType) {
     gguf_file::write(&mut file, &md, &ts).unwrap();
     std::io::Write::flush(&mut file).unwrap();
 }
+
+/// Labels of the tiny BERT token classifier.
+pub const TINY_BERT_LABELS: [&str; 5] = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"];
+/// Positions the tiny BERT takes: windows of 14 tokens plus [CLS] and [SEP].
+pub const TINY_BERT_POSITIONS: usize = 16;
+
+/// Writes a Hugging Face style BertForTokenClassification checkpoint (config.json,
+/// vocab.txt, model.safetensors) with random encoder weights and a classifier that
+/// always picks `forced_label`, so aggregation results are known in advance.
+pub fn write_tiny_bert(dir: &Path, forced_label: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut vocab: Vec<String> = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"].iter().map(|s| s.to_string()).collect();
+    for w in ["the", "cat", "sat", "on", "mat", "anna", "paris", "lives", "in", "and", "a", "dog"] {
+        vocab.push(w.to_string());
+    }
+    for c in 'a'..='z' {
+        vocab.push(c.to_string());
+        vocab.push(format!("##{c}"));
+    }
+    std::fs::write(dir.join("vocab.txt"), vocab.join("\n")).unwrap();
+    let (hidden, layers, inter) = (32usize, 2usize, 64usize);
+    let id2label: serde_json::Map<String, serde_json::Value> =
+        TINY_BERT_LABELS.iter().enumerate().map(|(i, l)| (i.to_string(), serde_json::Value::from(*l))).collect();
+    let config = serde_json::json!({
+        "architectures": ["BertForTokenClassification"], "model_type": "bert",
+        "vocab_size": vocab.len(), "hidden_size": hidden, "num_hidden_layers": layers,
+        "num_attention_heads": 4, "intermediate_size": inter, "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
+        "max_position_embeddings": TINY_BERT_POSITIONS, "type_vocab_size": 2,
+        "initializer_range": 0.02, "layer_norm_eps": 1e-12, "pad_token_id": 0,
+        "id2label": id2label, "do_lower_case": true,
+    });
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config).unwrap()).unwrap();
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let mut random = |dims: &[usize]| {
+        let n: usize = dims.iter().product();
+        let data: Vec<f32> = (0..n).map(|_| (rng.random::<f32>() * 2.0 - 1.0) * 0.1).collect();
+        Tensor::from_vec(data, dims, &Device::Cpu).unwrap()
+    };
+    let ones = |n: usize| Tensor::ones(n, candle_core::DType::F32, &Device::Cpu).unwrap();
+    let zeros = |dims: &[usize]| Tensor::zeros(dims, candle_core::DType::F32, &Device::Cpu).unwrap();
+    let mut t = std::collections::HashMap::new();
+    t.insert("bert.embeddings.word_embeddings.weight".to_string(), random(&[vocab.len(), hidden]));
+    t.insert("bert.embeddings.position_embeddings.weight".to_string(), random(&[TINY_BERT_POSITIONS, hidden]));
+    t.insert("bert.embeddings.token_type_embeddings.weight".to_string(), random(&[2, hidden]));
+    t.insert("bert.embeddings.LayerNorm.weight".to_string(), ones(hidden));
+    t.insert("bert.embeddings.LayerNorm.bias".to_string(), zeros(&[hidden]));
+    for l in 0..layers {
+        let p = |s: &str| format!("bert.encoder.layer.{l}.{s}");
+        for (name, out, inp) in [
+            ("attention.self.query", hidden, hidden),
+            ("attention.self.key", hidden, hidden),
+            ("attention.self.value", hidden, hidden),
+            ("attention.output.dense", hidden, hidden),
+            ("intermediate.dense", inter, hidden),
+            ("output.dense", hidden, inter),
+        ] {
+            t.insert(p(&format!("{name}.weight")), random(&[out, inp]));
+            t.insert(p(&format!("{name}.bias")), zeros(&[out]));
+        }
+        for norm in ["attention.output.LayerNorm", "output.LayerNorm"] {
+            t.insert(p(&format!("{norm}.weight")), ones(hidden));
+            t.insert(p(&format!("{norm}.bias")), zeros(&[hidden]));
+        }
+    }
+    t.insert("classifier.weight".to_string(), zeros(&[TINY_BERT_LABELS.len(), hidden]));
+    let mut bias = vec![0f32; TINY_BERT_LABELS.len()];
+    bias[forced_label] = 10.0;
+    t.insert("classifier.bias".to_string(), Tensor::new(bias, &Device::Cpu).unwrap());
+    candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
+}

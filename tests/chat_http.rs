@@ -39,7 +39,7 @@ async fn real_model_streams_an_answer_over_sse_and_answers_without_streaming() {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let catalog = catalog_with_tiny(dir.path());
-    let _worker = InProcessWorker::start(&nats, catalog.clone(), &real_model_dir(), REAL_MODEL, "w-real", settings(30.0, 3)).await;
+    let _worker = InProcessWorker::start(&nats, catalog.clone(), &real_model_dir(), &[REAL_MODEL], "w-real", settings(30.0, 3)).await;
     let (url, _stop) = start_http(&nats, catalog).await;
     let http = reqwest::Client::new();
 
@@ -90,7 +90,7 @@ async fn http_errors_use_openai_shapes_and_honest_codes() {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let catalog = catalog_with_tiny(dir.path());
-    let _worker = InProcessWorker::start(&nats, catalog.clone(), dir.path(), TINY_MODEL, "w-tiny", settings(30.0, 3)).await;
+    let _worker = InProcessWorker::start(&nats, catalog.clone(), dir.path(), &[TINY_MODEL], "w-tiny", settings(30.0, 3)).await;
     let (url, _stop) = start_http(&nats, catalog).await;
     let http = reqwest::Client::new();
     let post = |body: Value| {
@@ -143,7 +143,7 @@ async fn a_client_that_disconnects_cancels_its_job() {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let catalog = catalog_with_tiny(dir.path());
-    let _worker = InProcessWorker::start(&nats, catalog.clone(), &real_model_dir(), REAL_MODEL, "w-real", settings(30.0, 3)).await;
+    let _worker = InProcessWorker::start(&nats, catalog.clone(), &real_model_dir(), &[REAL_MODEL], "w-real", settings(30.0, 3)).await;
     let (url, _stop) = start_http(&nats, catalog).await;
     let client = nats.connect().await;
     let mut events = client.subscribe("natter.events.>").await.unwrap();

@@ -16,7 +16,7 @@ async fn dashboard_chats_streams_stops_and_fits_a_phone() {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let catalog = catalog_with_tiny(dir.path());
-    let _worker = InProcessWorker::start(&nats, catalog.clone(), &real_model_dir(), REAL_MODEL, "w-real", settings(30.0, 3)).await;
+    let _worker = InProcessWorker::start(&nats, catalog.clone(), &real_model_dir(), &[REAL_MODEL], "w-real", settings(30.0, 3)).await;
     let (url, _stop) = start_http(&nats, catalog).await;
     let output = tokio::task::spawn_blocking(move || {
         Command::new("node").arg("dashboard.mjs").arg(&url).current_dir(&script_dir).output().expect("run node")

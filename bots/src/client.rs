@@ -114,6 +114,37 @@ impl JobClient {
     }
 }
 
+/// How a non-streaming job ended, when it did not succeed.
+#[derive(Debug)]
+pub enum JobEnd {
+    Failed { code: ErrorCode, message: String },
+    Cancelled,
+    Lost(ClientError),
+}
+
+impl JobClient {
+    /// Submits `job` and waits for the outcome of its latest attempt.
+    pub async fn run_job(&self, job: &Job) -> Result<(JobResult, Metrics), JobEnd> {
+        let mut events = Box::pin(self.events(job.id).await.map_err(JobEnd::Lost)?);
+        self.submit(job).await.map_err(JobEnd::Lost)?;
+        let mut attempt = 0;
+        while let Some(event) = events.next().await {
+            let event = event.map_err(JobEnd::Lost)?;
+            if event.attempt < attempt {
+                continue;
+            }
+            attempt = event.attempt;
+            match event.body {
+                EventBody::Done { result, metrics } => return Ok((result, metrics)),
+                EventBody::Failed { code, message } => return Err(JobEnd::Failed { code, message }),
+                EventBody::Cancelled => return Err(JobEnd::Cancelled),
+                _ => {}
+            }
+        }
+        Err(JobEnd::Lost(ClientError::Events("the event stream ended".into())))
+    }
+}
+
 /// A chat job's progress as a front-end needs it.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ChatUpdate {

@@ -14,6 +14,7 @@ use tokio::sync::oneshot;
 
 pub const REAL_MODEL: &str = "smollm2-135m-instruct";
 pub const TINY_MODEL: &str = "tiny-llama";
+pub const NER_MODEL: &str = "rampart-pii";
 
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -61,13 +62,13 @@ pub struct InProcessWorker {
 }
 
 impl InProcessWorker {
-    pub async fn start(nats: &NatsServer, catalog: Catalog, models_dir: &Path, model: &str, name: &str, js: JetStreamSettings) -> Self {
+    pub async fn start(nats: &NatsServer, catalog: Catalog, models_dir: &Path, models: &[&str], name: &str, js: JetStreamSettings) -> Self {
         let config = natter_worker::WorkerConfig {
             nats_url: nats.url(),
             jetstream: js,
             catalog,
             models_dir: models_dir.to_path_buf(),
-            serve: vec![model.to_string()],
+            serve: models.iter().map(|m| m.to_string()).collect(),
             max_context: 2048,
             drain: Duration::from_secs(5),
             name: name.to_string(),
@@ -81,7 +82,9 @@ impl InProcessWorker {
             .expect("worker runs");
         });
         let client = nats.connect().await;
-        wait_for_model(&client, model).await;
+        for model in models {
+            wait_for_model(&client, model).await;
+        }
         InProcessWorker { stop: Some(stop), task: Some(task) }
     }
 

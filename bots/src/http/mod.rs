@@ -2,6 +2,7 @@
 
 mod dashboard;
 pub mod error;
+mod ner;
 pub mod openai;
 
 use crate::client::JobClient;
@@ -26,6 +27,7 @@ pub fn app(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/api/fleet", get(dashboard::fleet))
         .route("/api/jobs/{id}/cancel", post(dashboard::cancel))
+        .route("/api/ner", post(ner::ner))
         .route("/v1/models", get(openai::list_models))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .fallback(|| async { error::ApiError::not_found("no such endpoint") })

@@ -95,7 +95,9 @@ pub fn entities(text: &str, spans: &[WordSpan], labels: &[String]) -> Vec<Entity
             }
             continue;
         }
-        let continues = prefix == Some('I') && open.as_ref().is_some_and(|o| o.kind == kind);
+        // I- continues an entity of its type; so does a B- word glued to it with
+        // no space between, as BERT splits "a.b@c.org" into several words.
+        let continues = open.as_ref().is_some_and(|o| o.kind == kind && (prefix == Some('I') || o.end == w.start));
         if continues {
             let o = open.as_mut().unwrap();
             o.end = w.end;
@@ -149,6 +151,19 @@ mod tests {
         assert_eq!((e[1].label.as_str(), e[1].text.as_str(), e[1].start, e[1].end), ("LOC", "São Paulo", 22, 31));
         let chars: Vec<char> = text.chars().collect();
         assert_eq!(chars[e[1].start..e[1].end].iter().collect::<String>(), "São Paulo");
+    }
+
+    #[test]
+    fn b_words_glued_together_are_one_entity() {
+        let text = "x a.b@c.org y";
+        let spans = vec![
+            WordSpan { word: Some(0), start: 2, end: 3, label: 1, score: 1.0 },
+            WordSpan { word: Some(1), start: 3, end: 4, label: 1, score: 1.0 },
+            WordSpan { word: Some(2), start: 4, end: 11, label: 1, score: 1.0 },
+            WordSpan { word: Some(3), start: 12, end: 13, label: 1, score: 1.0 },
+        ];
+        let e = entities(text, &spans, &labels());
+        assert_eq!(e.iter().map(|e| e.text.as_str()).collect::<Vec<_>>(), ["a.b@c.org", "y"]);
     }
 
     #[test]

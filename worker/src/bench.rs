@@ -26,6 +26,60 @@ pub struct BenchArgs {
     pub runs: usize,
 }
 
+#[derive(Args, Clone, Debug)]
+pub struct BenchNerArgs {
+    /// Catalog id (default: the default NER model).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Inference threads (0 = one per core).
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// Input lengths in tokens.
+    #[arg(long, value_delimiter = ',', default_value = "64,256,1024")]
+    pub tokens: Vec<usize>,
+    /// Measured repetitions per length (after one warm-up).
+    #[arg(long, default_value_t = 20)]
+    pub runs: usize,
+}
+
+/// The sentence NER benchmarks repeat; `scripts/bench_ner_onnxruntime.py` uses the same.
+pub const NER_SENTENCE: &str = "Maria Gonzalez moved from 42 Oak Street in Springfield to Boston; write to maria.gonzalez@example.com or call 555-0134. ";
+
+pub fn run_ner(args: &BenchNerArgs, loaded: &Loaded) -> Result<(), BenchError> {
+    let entry = match &args.model {
+        Some(id) => loaded.catalog.get(id).ok_or_else(|| BenchError::Engine(format!("model `{id}` is not in the catalog")))?,
+        None => loaded.catalog.default_for(JobKind::Ner).ok_or(ConfigLoadError::NoDefault)?,
+    };
+    let path = fetch::resolve(entry, &loaded.models_dir)?;
+    let engine = crate::ner::NerEngine::load(&path).map_err(BenchError::Engine)?;
+    println!("model {} ({}), {} threads, {} runs after one warm-up", entry.id, path.display(), args.threads, args.runs);
+    println!("| tokens | mean latency ms | texts/s | entities |");
+    println!("|---:|---:|---:|---:|");
+    for &target in &args.tokens {
+        // The shortest repetition of the sentence reaching `target` tokens, cut to it.
+        let mut text = String::new();
+        while engine.token_count(&text) < target {
+            text.push_str(NER_SENTENCE);
+        }
+        let words: Vec<&str> = text.split(' ').collect();
+        let (mut lo, mut hi) = (1, words.len());
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            if engine.token_count(&words[..mid].join(" ")) < target { lo = mid + 1 } else { hi = mid }
+        }
+        let text = words[..lo].join(" ");
+        let tokens = engine.token_count(&text);
+        let (entities, _) = engine.entities(&text).map_err(|e| BenchError::Engine(e.to_string()))?;
+        let started = std::time::Instant::now();
+        for _ in 0..args.runs {
+            engine.entities(&text).map_err(|e| BenchError::Engine(e.to_string()))?;
+        }
+        let mean = started.elapsed().as_secs_f64() / args.runs as f64;
+        println!("| {tokens} | {:.1} | {:.1} | {} |", mean * 1e3, 1.0 / mean, entities.len());
+    }
+    Ok(())
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
     #[error(transparent)]

@@ -24,6 +24,8 @@ enum Command {
     Models(ModelsCommand),
     /// Measure single-stream chat speed: time to first token, prompt and decode tokens/s.
     Bench(natter_worker::bench::BenchArgs),
+    /// Measure NER latency and texts/s for inputs of several lengths.
+    BenchNer(natter_worker::bench::BenchNerArgs),
 }
 
 #[derive(Subcommand)]
@@ -76,6 +78,11 @@ fn main() -> anyhow::Result<()> {
             for entry in entries {
                 natter_worker::fetch::fetch(&entry, &loaded.models_dir)?;
             }
+            Ok(())
+        }
+        Some(Command::BenchNer(args)) => {
+            set_threads(args.threads);
+            natter_worker::bench::run_ner(&args, &loaded)?;
             Ok(())
         }
         Some(Command::Bench(args)) => {

@@ -74,6 +74,11 @@ impl NerEngine {
         Ok(NerEngine { bert, classifier, tokenizer, labels, cls, sep, window, device })
     }
 
+    /// Tokens of `text` (no special tokens), as windows count them.
+    pub fn token_count(&self, text: &str) -> usize {
+        self.tokenizer.encode(text, false).map(|e| e.len()).unwrap_or(0)
+    }
+
     pub fn labels(&self) -> &[String] {
         &self.labels
     }

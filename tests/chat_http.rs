@@ -39,7 +39,9 @@ async fn real_model_streams_an_answer_over_sse_and_answers_without_streaming() {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let catalog = catalog_with_tiny(dir.path());
-    let _worker = InProcessWorker::start(&nats, catalog.clone(), &real_model_dir(), &[REAL_MODEL], "w-real", settings(30.0, 3)).await;
+    let _worker =
+        InProcessWorker::start(&nats, catalog.clone(), &real_model_dir(), &[REAL_MODEL], "w-real", settings(30.0, 3))
+            .await;
     let (url, _stop) = start_http(&nats, catalog).await;
     let http = reqwest::Client::new();
 
@@ -90,7 +92,8 @@ async fn http_errors_use_openai_shapes_and_honest_codes() {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let catalog = catalog_with_tiny(dir.path());
-    let _worker = InProcessWorker::start(&nats, catalog.clone(), dir.path(), &[TINY_MODEL], "w-tiny", settings(30.0, 3)).await;
+    let _worker =
+        InProcessWorker::start(&nats, catalog.clone(), dir.path(), &[TINY_MODEL], "w-tiny", settings(30.0, 3)).await;
     let (url, _stop) = start_http(&nats, catalog).await;
     let http = reqwest::Client::new();
     let post = |body: Value| {
@@ -120,7 +123,13 @@ async fn http_errors_use_openai_shapes_and_honest_codes() {
     let (status, _) = post(json!({ "model": TINY_MODEL, "messages": hi, "temperature": -1 })).await;
     assert_eq!(status, 400);
 
-    let resp = http.post(format!("{url}/v1/chat/completions")).header("content-type", "application/json").body("{not json").send().await.unwrap();
+    let resp = http
+        .post(format!("{url}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 400);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["type"], "invalid_request_error");
@@ -143,7 +152,9 @@ async fn a_client_that_disconnects_cancels_its_job() {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let catalog = catalog_with_tiny(dir.path());
-    let _worker = InProcessWorker::start(&nats, catalog.clone(), &real_model_dir(), &[REAL_MODEL], "w-real", settings(30.0, 3)).await;
+    let _worker =
+        InProcessWorker::start(&nats, catalog.clone(), &real_model_dir(), &[REAL_MODEL], "w-real", settings(30.0, 3))
+            .await;
     let (url, _stop) = start_http(&nats, catalog).await;
     let client = nats.connect().await;
     let mut events = client.subscribe("natter.events.>").await.unwrap();

@@ -7,7 +7,7 @@ use common::*;
 use std::process::Command;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dashboard_chats_streams_stops_and_fits_a_phone() {
+async fn dashboard_chats_streams_stops_highlights_entities_and_fits_a_phone() {
     let script_dir = repo_root().join("tests/dashboard");
     assert!(
         script_dir.join("node_modules/playwright-core").is_dir(),
@@ -16,7 +16,15 @@ async fn dashboard_chats_streams_stops_and_fits_a_phone() {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let catalog = catalog_with_tiny(dir.path());
-    let _worker = InProcessWorker::start(&nats, catalog.clone(), &real_model_dir(), &[REAL_MODEL], "w-real", settings(30.0, 3)).await;
+    let _worker = InProcessWorker::start(
+        &nats,
+        catalog.clone(),
+        &real_model_dir(),
+        &[REAL_MODEL, NER_MODEL],
+        "w-real",
+        settings(30.0, 3),
+    )
+    .await;
     let (url, _stop) = start_http(&nats, catalog).await;
     let output = tokio::task::spawn_blocking(move || {
         Command::new("node").arg("dashboard.mjs").arg(&url).current_dir(&script_dir).output().expect("run node")

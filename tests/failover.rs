@@ -15,7 +15,10 @@ fn story_job() -> Job {
     let origin = Origin { frontend: "test".into(), user: "u".into(), conversation: None };
     let params = SamplingParams { temperature: 0.0, max_tokens: 160, ..Default::default() };
     let input = ChatInput {
-        messages: vec![ChatMessage { role: Role::User, content: "Write a long story about a lighthouse keeper.".into() }],
+        messages: vec![ChatMessage {
+            role: Role::User,
+            content: "Write a long story about a lighthouse keeper.".into(),
+        }],
         params,
     };
     Job::new(REAL_MODEL, origin, JobInput::Chat(input))
@@ -67,7 +70,11 @@ async fn interrupt(fleet: &Fleet, job: &Job, signal: Signal) -> (String, impl fu
         }
     }
     let victim = running_on.unwrap();
-    if victim == fleet.a.name { fleet.a.signal(signal) } else { fleet.b.signal(signal) }
+    if victim == fleet.a.name {
+        fleet.a.signal(signal)
+    } else {
+        fleet.b.signal(signal)
+    }
     (victim, updates)
 }
 
@@ -111,7 +118,10 @@ async fn sigterm_hands_a_running_job_back_when_the_drain_time_runs_out() {
     let job = story_job();
     let (victim, updates) = interrupt(&fleet, &job, Signal::SIGTERM).await;
     let all: Vec<ChatUpdate> = tokio::time::timeout(Duration::from_secs(120), updates.collect()).await.unwrap();
-    let accepted: Vec<&String> = all.iter().filter_map(|u| if let ChatUpdate::Accepted { worker, .. } = u { Some(worker) } else { None }).collect();
+    let accepted: Vec<&String> = all
+        .iter()
+        .filter_map(|u| if let ChatUpdate::Accepted { worker, .. } = u { Some(worker) } else { None })
+        .collect();
     assert_eq!(accepted.len(), 1, "{all:?}");
     assert_ne!(accepted[0], &victim, "picked up by the other worker at once (nak), not after AckWait");
     assert!(matches!(all.last(), Some(ChatUpdate::Done { .. })), "{:?}", all.last());
@@ -128,7 +138,9 @@ async fn a_job_that_outlives_its_attempts_fails_instead_of_vanishing() {
     let (_victim, updates) = interrupt(&fleet, &job, Signal::SIGKILL).await;
     let all: Vec<ChatUpdate> = tokio::time::timeout(Duration::from_secs(60), updates.collect()).await.unwrap();
     match all.last() {
-        Some(ChatUpdate::Failed { code: ErrorCode::RetriesExhausted, message }) => assert!(message.contains("tried 1 times")),
+        Some(ChatUpdate::Failed { code: ErrorCode::RetriesExhausted, message }) => {
+            assert!(message.contains("tried 1 times"))
+        }
         other => panic!("expected retries_exhausted, got {other:?}"),
     }
 }

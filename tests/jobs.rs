@@ -10,12 +10,17 @@ use std::time::Duration;
 
 fn chat_job(model: &str, text: &str, params: SamplingParams) -> Job {
     let origin = Origin { frontend: "test".into(), user: "u".into(), conversation: None };
-    Job::new(model, origin, JobInput::Chat(ChatInput { messages: vec![ChatMessage { role: Role::User, content: text.into() }], params }))
+    Job::new(
+        model,
+        origin,
+        JobInput::Chat(ChatInput { messages: vec![ChatMessage { role: Role::User, content: text.into() }], params }),
+    )
 }
 
 async fn outcome(jobs: &JobClient, id: uuid::Uuid) -> ChatUpdate {
     let updates = jobs.chat_updates(id).await.unwrap();
-    let all: Vec<ChatUpdate> = tokio::time::timeout(Duration::from_secs(120), futures::StreamExt::collect(updates)).await.expect("job ends");
+    let all: Vec<ChatUpdate> =
+        tokio::time::timeout(Duration::from_secs(120), futures::StreamExt::collect(updates)).await.expect("job ends");
     all.into_iter().last().expect("some update")
 }
 
@@ -41,12 +46,21 @@ async fn bad_jobs_fail_clearly_and_the_worker_keeps_serving() {
     let id = uuid::Uuid::now_v7();
     let updates = jobs.chat_updates(id).await.unwrap();
     let bad = serde_json::json!({ "v": 1, "id": id, "kind": "chat", "input": { "messages": "not a list" } });
-    js.publish(natter_shared::subjects::job(JobKind::Chat, TINY_MODEL), serde_json::to_vec(&bad).unwrap().into()).await.unwrap().await.unwrap();
-    let all: Vec<ChatUpdate> = tokio::time::timeout(Duration::from_secs(30), futures::StreamExt::collect(updates)).await.unwrap();
+    js.publish(natter_shared::subjects::job(JobKind::Chat, TINY_MODEL), serde_json::to_vec(&bad).unwrap().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let all: Vec<ChatUpdate> =
+        tokio::time::timeout(Duration::from_secs(30), futures::StreamExt::collect(updates)).await.unwrap();
     let last = all.last().unwrap();
     assert_eq!(failed_code(last), ErrorCode::MalformedJob);
     // Garbage with no id at all cannot be answered, but must not stop the worker.
-    js.publish(natter_shared::subjects::job(JobKind::Chat, TINY_MODEL), "\u{0}garbage".into()).await.unwrap().await.unwrap();
+    js.publish(natter_shared::subjects::job(JobKind::Chat, TINY_MODEL), "\u{0}garbage".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
 
     let cases = [
         (chat_job(TINY_MODEL, "   ", greedy.clone()), ErrorCode::BadInput),
@@ -73,8 +87,13 @@ async fn bad_jobs_fail_clearly_and_the_worker_keeps_serving() {
     let mut wrong = chat_job("some-other-model", "hi", greedy.clone());
     wrong.id = uuid::Uuid::now_v7();
     let updates = jobs.chat_updates(wrong.id).await.unwrap();
-    js.publish(natter_shared::subjects::job(JobKind::Chat, TINY_MODEL), serde_json::to_vec(&wrong).unwrap().into()).await.unwrap().await.unwrap();
-    let all: Vec<ChatUpdate> = tokio::time::timeout(Duration::from_secs(30), futures::StreamExt::collect(updates)).await.unwrap();
+    js.publish(natter_shared::subjects::job(JobKind::Chat, TINY_MODEL), serde_json::to_vec(&wrong).unwrap().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let all: Vec<ChatUpdate> =
+        tokio::time::timeout(Duration::from_secs(30), futures::StreamExt::collect(updates)).await.unwrap();
     assert_eq!(failed_code(all.last().unwrap()), ErrorCode::UnknownModel);
 
     // And the next good job is served.
@@ -91,7 +110,8 @@ async fn cancel_stops_a_running_job_within_a_step_and_drops_a_queued_one() {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let catalog = catalog_with_tiny(dir.path());
-    let _worker = InProcessWorker::start(&nats, catalog, &real_model_dir(), &[REAL_MODEL], "w-real", settings(30.0, 3)).await;
+    let _worker =
+        InProcessWorker::start(&nats, catalog, &real_model_dir(), &[REAL_MODEL], "w-real", settings(30.0, 3)).await;
     let jobs = JobClient::connect(&nats.url(), &settings(30.0, 3)).await.unwrap();
     let long = SamplingParams { temperature: 0.8, seed: 11, max_tokens: 2000, ..Default::default() };
     let running = chat_job(REAL_MODEL, "Write a very long story about a dragon and a knight.", long.clone());

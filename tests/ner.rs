@@ -9,25 +9,26 @@ use serde_json::{json, Value};
 
 fn ner_dir() -> std::path::PathBuf {
     let dir = models_dir().join("rampart-pii");
-    assert!(dir.join("model.safetensors").is_file(), "run `natter-worker models fetch rampart-pii` (scripts/test.sh does)");
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "run `natter-worker models fetch rampart-pii` (scripts/test.sh does)"
+    );
     dir
 }
 
 /// Regenerate the fixture with `python3 tests/fixtures/make_ner_logits.py <models>/rampart-pii`.
 #[test]
 fn dequantized_weights_give_onnxruntimes_logits() {
-    let fixture: Value = serde_json::from_str(&std::fs::read_to_string(repo_root().join("tests/fixtures/ner_rampart_logits.json")).unwrap()).unwrap();
+    let fixture: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_root().join("tests/fixtures/ner_rampart_logits.json")).unwrap(),
+    )
+    .unwrap();
     let ids: Vec<u32> = fixture["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
     let expected: Vec<Vec<f32>> = serde_json::from_value(fixture["logits"].clone()).unwrap();
     let engine = NerEngine::load(&ner_dir()).unwrap();
     let logits = engine.logits(&ids).unwrap().to_vec2::<f32>().unwrap();
     assert_eq!(logits.len(), expected.len());
-    let worst = logits
-        .iter()
-        .flatten()
-        .zip(expected.iter().flatten())
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let worst = logits.iter().flatten().zip(expected.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(worst < 1e-3, "largest logit difference {worst}");
 }
 
@@ -55,7 +56,8 @@ async fn ner_over_http_returns_entities_and_clear_errors() {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let catalog = catalog_with_tiny(dir.path());
-    let _worker = InProcessWorker::start(&nats, catalog.clone(), &models_dir(), &[NER_MODEL], "w-ner", settings(30.0, 3)).await;
+    let _worker =
+        InProcessWorker::start(&nats, catalog.clone(), &models_dir(), &[NER_MODEL], "w-ner", settings(30.0, 3)).await;
     let (url, _stop) = start_http(&nats, catalog).await;
     let http = reqwest::Client::new();
     let post = |body: Value| {
@@ -80,7 +82,8 @@ async fn ner_over_http_returns_entities_and_clear_errors() {
     let entities = body["entities"].as_array().unwrap();
     let names = entities.iter().filter(|e| e["label"] == "GIVEN_NAME" && e["text"] == "Anna").count();
     assert_eq!(names, 60, "one name per sentence, none lost or doubled at window edges: {body}");
-    let spans: Vec<(u64, u64)> = entities.iter().map(|e| (e["start"].as_u64().unwrap(), e["end"].as_u64().unwrap())).collect();
+    let spans: Vec<(u64, u64)> =
+        entities.iter().map(|e| (e["start"].as_u64().unwrap(), e["end"].as_u64().unwrap())).collect();
     assert!(spans.windows(2).all(|w| w[0].1 <= w[1].0), "entities are ordered and never overlap");
 
     let (status, body) = post(json!({ "text": "   " })).await;

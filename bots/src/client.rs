@@ -58,7 +58,10 @@ impl JobClient {
 
     /// Every event of the job from the first, then live ones: the events stream
     /// keeps them, so this may be called after submitting, or after a restart.
-    pub async fn events(&self, job_id: Uuid) -> Result<impl Stream<Item = Result<Event, ClientError>> + Send + 'static, ClientError> {
+    pub async fn events(
+        &self,
+        job_id: Uuid,
+    ) -> Result<impl Stream<Item = Result<Event, ClientError>> + Send + 'static, ClientError> {
         let consumer = self
             .events
             .create_consumer(consumer::pull::OrderedConfig {
@@ -88,7 +91,10 @@ impl JobClient {
     }
 
     /// Follows a chat job as [`ChatUpdate`]s, resolving attempts.
-    pub async fn chat_updates(&self, job_id: Uuid) -> Result<impl Stream<Item = ChatUpdate> + Send + 'static, ClientError> {
+    pub async fn chat_updates(
+        &self,
+        job_id: Uuid,
+    ) -> Result<impl Stream<Item = ChatUpdate> + Send + 'static, ClientError> {
         let events = Box::pin(self.events(job_id).await?);
         let state = (events, AttemptTracker::default(), std::collections::VecDeque::<ChatUpdate>::new(), false);
         // Ends right after the first terminal update.
@@ -106,7 +112,9 @@ impl JobClient {
                 }
                 match events.next().await {
                     Some(Ok(event)) => pending.extend(tracker.apply(event)),
-                    Some(Err(e)) => pending.push_back(ChatUpdate::Failed { code: ErrorCode::Internal, message: e.to_string() }),
+                    Some(Err(e)) => {
+                        pending.push_back(ChatUpdate::Failed { code: ErrorCode::Internal, message: e.to_string() })
+                    }
                     None => return None,
                 }
             }
@@ -148,13 +156,26 @@ impl JobClient {
 /// A chat job's progress as a front-end needs it.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ChatUpdate {
-    Accepted { worker: String, model: String, attempt: u32 },
+    Accepted {
+        worker: String,
+        model: String,
+        attempt: u32,
+    },
     /// Append this to the answer.
     Delta(String),
     /// A new attempt started after a worker died: drop the partial answer.
-    Restart { attempt: u32 },
-    Done { text: String, finish_reason: FinishReason, metrics: Metrics },
-    Failed { code: ErrorCode, message: String },
+    Restart {
+        attempt: u32,
+    },
+    Done {
+        text: String,
+        finish_reason: FinishReason,
+        metrics: Metrics,
+    },
+    Failed {
+        code: ErrorCode,
+        message: String,
+    },
     Cancelled,
 }
 
@@ -186,7 +207,9 @@ impl AttemptTracker {
             self.has_text = false;
         }
         match event.body {
-            EventBody::Accepted { worker, model } => out.push(ChatUpdate::Accepted { worker, model, attempt: event.attempt }),
+            EventBody::Accepted { worker, model } => {
+                out.push(ChatUpdate::Accepted { worker, model, attempt: event.attempt })
+            }
             EventBody::Token { text } => {
                 self.has_text = true;
                 out.push(ChatUpdate::Delta(text));
@@ -226,7 +249,8 @@ impl AppendOnly {
         if self.attempt_text.len() <= self.sent.len() {
             return String::new();
         }
-        let start = if self.attempt_text.is_char_boundary(self.sent.len()) { self.sent.len() } else { return String::new() };
+        let start =
+            if self.attempt_text.is_char_boundary(self.sent.len()) { self.sent.len() } else { return String::new() };
         let new = self.attempt_text[start..].to_string();
         self.sent.push_str(&new);
         new

@@ -54,13 +54,8 @@ impl Fleet {
 
     /// Models some live worker serves for `kind`, sorted, without duplicates.
     pub async fn models(&self, kind: JobKind) -> Vec<String> {
-        let mut models: Vec<String> = self
-            .workers()
-            .await
-            .into_iter()
-            .filter(|w| w.kinds.contains(&kind))
-            .flat_map(|w| w.models)
-            .collect();
+        let mut models: Vec<String> =
+            self.workers().await.into_iter().filter(|w| w.kinds.contains(&kind)).flat_map(|w| w.models).collect();
         models.sort();
         models.dedup();
         models
@@ -86,7 +81,10 @@ pub async fn discover(client: &async_nats::Client, wait: Duration) -> Vec<Worker
         quiet = Duration::from_millis(60);
         let Ok(info) = serde_json::from_slice::<ServiceInfo>(&msg.payload) else { continue };
         let list = |key: &str| -> Vec<String> {
-            info.metadata.get(key).map(|s| s.split(',').filter(|x| !x.is_empty()).map(String::from).collect()).unwrap_or_default()
+            info.metadata
+                .get(key)
+                .map(|s| s.split(',').filter(|x| !x.is_empty()).map(String::from).collect())
+                .unwrap_or_default()
         };
         workers.push(WorkerInfo {
             name: info.metadata.get("worker").cloned().unwrap_or_else(|| info.id.clone()),

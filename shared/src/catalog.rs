@@ -88,13 +88,10 @@ pub struct PackagedFile {
 
 impl Catalog {
     pub fn load(path: &Path) -> Result<Catalog, CatalogError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| CatalogError::Read { path: path.into(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| CatalogError::Read { path: path.into(), source })?;
         let catalog: Catalog =
             toml::from_str(&text).map_err(|source| CatalogError::Parse { path: path.into(), source })?;
-        catalog
-            .validate()
-            .map_err(|message| CatalogError::Invalid { path: path.into(), message })?;
+        catalog.validate().map_err(|message| CatalogError::Invalid { path: path.into(), message })?;
         Ok(catalog)
     }
 
@@ -129,10 +126,7 @@ impl Catalog {
 
     /// The catalog's default for `kind`, or its first model of that kind.
     pub fn default_for(&self, kind: JobKind) -> Option<&ModelEntry> {
-        self.models
-            .iter()
-            .find(|m| m.kind == kind && m.default)
-            .or_else(|| self.models.iter().find(|m| m.kind == kind))
+        self.models.iter().find(|m| m.kind == kind && m.default).or_else(|| self.models.iter().find(|m| m.kind == kind))
     }
 }
 

@@ -67,10 +67,7 @@ mod secs {
 }
 
 /// Creates (or finds) the three streams natter uses.
-pub async fn ensure_streams(
-    js: &jetstream::Context,
-    settings: &JetStreamSettings,
-) -> Result<Streams, SetupError> {
+pub async fn ensure_streams(js: &jetstream::Context, settings: &JetStreamSettings) -> Result<Streams, SetupError> {
     let jobs = js
         .get_or_create_stream(stream::Config {
             name: JOBS_STREAM.into(),

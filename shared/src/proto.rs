@@ -231,10 +231,7 @@ impl SamplingParams {
             return Err("top_k must be at least 1".into());
         }
         if self.max_tokens == 0 || self.max_tokens > MAX_TOKENS_LIMIT {
-            return Err(format!(
-                "max_tokens must be between 1 and {MAX_TOKENS_LIMIT}, got {}",
-                self.max_tokens
-            ));
+            return Err(format!("max_tokens must be between 1 and {MAX_TOKENS_LIMIT}, got {}", self.max_tokens));
         }
         if !self.repeat_penalty.is_finite() || self.repeat_penalty <= 0.0 || self.repeat_penalty > 10.0 {
             return Err(format!("repeat_penalty must be in (0, 10], got {}", self.repeat_penalty));
@@ -304,9 +301,7 @@ mod base64_bytes {
     }
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
         let s = String::deserialize(d)?;
-        base64::engine::general_purpose::STANDARD
-            .decode(s.as_bytes())
-            .map_err(serde::de::Error::custom)
+        base64::engine::general_purpose::STANDARD.decode(s.as_bytes()).map_err(serde::de::Error::custom)
     }
 }
 
@@ -429,7 +424,9 @@ pub enum ErrorCode {
 mod tests {
     use super::*;
 
-    fn roundtrip<T: Serialize + for<'de> Deserialize<'de> + PartialEq + std::fmt::Debug>(value: &T) -> serde_json::Value {
+    fn roundtrip<T: Serialize + for<'de> Deserialize<'de> + PartialEq + std::fmt::Debug>(
+        value: &T,
+    ) -> serde_json::Value {
         let json = serde_json::to_value(value).unwrap();
         let back: T = serde_json::from_value(json.clone()).unwrap();
         assert_eq!(&back, value);
@@ -501,14 +498,24 @@ mod tests {
             },
             EventBody::Done {
                 result: JobResult::Ner {
-                    entities: vec![Entity { label: "CITY".into(), score: 0.99, start: 14, end: 19, text: "Paris".into() }],
+                    entities: vec![Entity {
+                        label: "CITY".into(),
+                        score: 0.99,
+                        start: 14,
+                        end: 19,
+                        text: "Paris".into(),
+                    }],
                 },
                 metrics: Metrics::default(),
             },
             EventBody::Done {
                 result: JobResult::Ocr {
                     text: "Total".into(),
-                    lines: vec![OcrLine { text: "Total".into(), confidence: 0.98, bbox: [[0.0, 0.0], [10.0, 0.0], [10.0, 5.0], [0.0, 5.0]] }],
+                    lines: vec![OcrLine {
+                        text: "Total".into(),
+                        confidence: 0.98,
+                        bbox: [[0.0, 0.0], [10.0, 0.0], [10.0, 5.0], [0.0, 5.0]],
+                    }],
                 },
                 metrics: Metrics::default(),
             },

@@ -28,9 +28,7 @@ pub fn cancel(job_id: Uuid) -> String {
 /// Model ids become one subject token, so they may not contain NATS wildcards,
 /// separators or whitespace.
 pub fn valid_model_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 128
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
+    !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
 }
 
 #[cfg(test)]

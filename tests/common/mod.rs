@@ -62,7 +62,14 @@ pub struct InProcessWorker {
 }
 
 impl InProcessWorker {
-    pub async fn start(nats: &NatsServer, catalog: Catalog, models_dir: &Path, models: &[&str], name: &str, js: JetStreamSettings) -> Self {
+    pub async fn start(
+        nats: &NatsServer,
+        catalog: Catalog,
+        models_dir: &Path,
+        models: &[&str],
+        name: &str,
+        js: JetStreamSettings,
+    ) -> Self {
         let config = natter_worker::WorkerConfig {
             nats_url: nats.url(),
             jetstream: js,
@@ -176,7 +183,14 @@ pub struct ChildWorker {
 }
 
 impl ChildWorker {
-    pub fn spawn(nats: &NatsServer, catalog_path: &Path, models_dir: &Path, model: &str, name: &str, extra_env: &[(&str, &str)]) -> Self {
+    pub fn spawn(
+        nats: &NatsServer,
+        catalog_path: &Path,
+        models_dir: &Path,
+        model: &str,
+        name: &str,
+        extra_env: &[(&str, &str)],
+    ) -> Self {
         let mut cmd = Command::new(worker_binary());
         cmd.env("NATS_URL", nats.url())
             .env("NATTER_CATALOG", catalog_path)

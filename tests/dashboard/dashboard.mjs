@@ -66,6 +66,25 @@ try {
   assert.equal(await page.$eval("#max_tokens", (e) => e.value), "64");
   await page.waitForFunction(() => document.querySelector("#fleet").textContent.includes("smollm2-135m-instruct"), null, { timeout: 15000 });
 
+  step("the NER tab highlights entities with a legend and timing");
+  await page.click("#tab-ner");
+  assert.equal(await page.isVisible("#chat-panel"), false);
+  await page.fill("#ner-text", "Hi, I'm Zoë Martínez, write to zoe.martinez@example.org; I live at 42 Oak Street, Springfield.");
+  await page.click("#ner-run");
+  await page.waitForSelector("#ner-output mark", { timeout: 30000 });
+  const marks = await page.$$eval("#ner-output mark", (ms) => ms.map((m) => [m.dataset.label, m.firstChild.textContent]));
+  const byLabel = Object.fromEntries(marks);
+  assert.equal(byLabel.GIVEN_NAME, "Zoë");
+  assert.equal(byLabel.EMAIL, "zoe.martinez@example.org");
+  assert.equal(byLabel.CITY, "Springfield");
+  const legend = await page.$$eval("#ner-legend span", (ss) => ss.map((s) => s.textContent));
+  assert.ok(legend.includes("EMAIL") && legend.includes("CITY"), legend.join(","));
+  assert.match(await page.textContent("#ner-meta"), /entities · \d+ tokens · [\d.]+ ms/);
+  await page.fill("#ner-text", "   ");
+  await page.click("#ner-run");
+  await page.waitForSelector("#ner-output .error", { timeout: 10000 });
+  assert.match(await page.textContent("#ner-output .error"), /empty/);
+
   step("phone-width layout has no horizontal scrolling");
   const phone = await browser.newPage({ viewport: { width: 375, height: 740 } });
   await phone.goto(base);

@@ -47,7 +47,9 @@ pub const NER_SENTENCE: &str = "Maria Gonzalez moved from 42 Oak Street in Sprin
 
 pub fn run_ner(args: &BenchNerArgs, loaded: &Loaded) -> Result<(), BenchError> {
     let entry = match &args.model {
-        Some(id) => loaded.catalog.get(id).ok_or_else(|| BenchError::Engine(format!("model `{id}` is not in the catalog")))?,
+        Some(id) => {
+            loaded.catalog.get(id).ok_or_else(|| BenchError::Engine(format!("model `{id}` is not in the catalog")))?
+        }
         None => loaded.catalog.default_for(JobKind::Ner).ok_or(ConfigLoadError::NoDefault)?,
     };
     let path = fetch::resolve(entry, &loaded.models_dir)?;
@@ -65,7 +67,11 @@ pub fn run_ner(args: &BenchNerArgs, loaded: &Loaded) -> Result<(), BenchError> {
         let (mut lo, mut hi) = (1, words.len());
         while lo < hi {
             let mid = (lo + hi) / 2;
-            if engine.token_count(&words[..mid].join(" ")) < target { lo = mid + 1 } else { hi = mid }
+            if engine.token_count(&words[..mid].join(" ")) < target {
+                lo = mid + 1
+            } else {
+                hi = mid
+            }
         }
         let text = words[..lo].join(" ");
         let tokens = engine.token_count(&text);
@@ -92,7 +98,9 @@ pub enum BenchError {
 
 pub fn run(args: &BenchArgs, loaded: &Loaded) -> Result<(), BenchError> {
     let entry = match &args.model {
-        Some(id) => loaded.catalog.get(id).ok_or_else(|| BenchError::Engine(format!("model `{id}` is not in the catalog")))?,
+        Some(id) => {
+            loaded.catalog.get(id).ok_or_else(|| BenchError::Engine(format!("model `{id}` is not in the catalog")))?
+        }
         None => loaded.catalog.default_for(JobKind::Chat).ok_or(ConfigLoadError::NoDefault)?,
     };
     let path = fetch::resolve(entry, &loaded.models_dir)?;
@@ -102,7 +110,12 @@ pub fn run(args: &BenchArgs, loaded: &Loaded) -> Result<(), BenchError> {
     let text = prompt_of_length(&engine, args.prompt_tokens)?;
     let input = ChatInput {
         messages: vec![ChatMessage { role: Role::User, content: text }],
-        params: SamplingParams { temperature: 0.0, max_tokens: args.gen_tokens, repeat_penalty: 1.0, ..Default::default() },
+        params: SamplingParams {
+            temperature: 0.0,
+            max_tokens: args.gen_tokens,
+            repeat_penalty: 1.0,
+            ..Default::default()
+        },
     };
     let mut rows = Vec::new();
     for i in 0..=args.runs {
@@ -152,6 +165,8 @@ fn prompt_of_length(engine: &ChatEngine, target: usize) -> Result<String, BenchE
 fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
         .map_or(0.0, |kb| kb / 1024.0)
 }

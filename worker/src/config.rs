@@ -71,7 +71,8 @@ pub struct Loaded {
 
 impl CommonArgs {
     pub fn load(&self) -> Result<Loaded, ConfigLoadError> {
-        let user_named = std::env::var_os("NATTER_CONFIG").is_some() || self.config != PathBuf::from("config/natter.toml");
+        let user_named =
+            std::env::var_os("NATTER_CONFIG").is_some() || self.config != PathBuf::from("config/natter.toml");
         let file = FileConfig::load(&self.config, user_named)?;
         let catalog = Catalog::load(self.catalog.as_ref().unwrap_or(&file.models.catalog))?;
         let models_dir = self.models_dir.clone().unwrap_or_else(|| file.models.dir.clone());

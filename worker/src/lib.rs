@@ -99,9 +99,8 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> Re
         config.drain,
     ));
     let models: Vec<_> = served.iter().map(|(e, _, _)| e.clone()).collect();
-    let service = service::register(&client, &config.name, &models, shared.clone())
-        .await
-        .map_err(WorkerError::Service)?;
+    let service =
+        service::register(&client, &config.name, &models, shared.clone()).await.map_err(WorkerError::Service)?;
 
     let stop = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();

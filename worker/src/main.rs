@@ -5,7 +5,11 @@ use clap::{Parser, Subcommand};
 use natter_worker::config::{CommonArgs, RunArgs};
 
 #[derive(Parser)]
-#[command(name = "natter-worker", version, about = "natter inference worker: pulls jobs from NATS JetStream and runs them")]
+#[command(
+    name = "natter-worker",
+    version,
+    about = "natter inference worker: pulls jobs from NATS JetStream and runs them"
+)]
 struct Cli {
     #[command(flatten)]
     common: CommonArgs,
@@ -72,7 +76,9 @@ fn main() -> anyhow::Result<()> {
                 loaded.catalog.models.clone()
             } else {
                 ids.iter()
-                    .map(|id| loaded.catalog.get(id).cloned().with_context(|| format!("model `{id}` is not in the catalog")))
+                    .map(|id| {
+                        loaded.catalog.get(id).cloned().with_context(|| format!("model `{id}` is not in the catalog"))
+                    })
                     .collect::<anyhow::Result<_>>()?
             };
             for entry in entries {

@@ -224,7 +224,10 @@ async fn handle(shared: &Shared, engine: &EngineHandle, model: &str, msg: jetstr
         events
             .fail(
                 ErrorCode::RetriesExhausted,
-                format!("the job was tried {} times and the worker running it stopped each time", shared.settings.max_attempts),
+                format!(
+                    "the job was tried {} times and the worker running it stopped each time",
+                    shared.settings.max_attempts
+                ),
             )
             .await;
         return ack(&msg, AckKind::Ack).await;

@@ -79,7 +79,9 @@ pub fn write_tiny_llama(path: &Path, matrix_dtype: GgmlDType) {
         let data: Vec<f32> = (0..rows * cols).map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale).collect();
         Tensor::from_vec(data, (rows, cols), &Device::Cpu).unwrap()
     };
-    let ones = |n: usize| QTensor::quantize(&Tensor::ones(n, candle_core::DType::F32, &Device::Cpu).unwrap(), GgmlDType::F32).unwrap();
+    let ones = |n: usize| {
+        QTensor::quantize(&Tensor::ones(n, candle_core::DType::F32, &Device::Cpu).unwrap(), GgmlDType::F32).unwrap()
+    };
     let q = |t: Tensor| QTensor::quantize(&t, matrix_dtype).unwrap();
 
     let mut tensors: Vec<(String, QTensor)> = vec![

@@ -22,12 +22,12 @@ pub async fn fleet(State(state): State<AppState>) -> Json<serde_json::Value> {
 
 /// Stops a job on the worker. Accepts the bare job id or the `chatcmpl-` id
 /// the completions API returns.
-pub async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
-    let id: Uuid = id
-        .strip_prefix("chatcmpl-")
-        .unwrap_or(&id)
-        .parse()
-        .map_err(|_| ApiError::bad_request("not a job id"))?;
+pub async fn cancel(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let id: Uuid =
+        id.strip_prefix("chatcmpl-").unwrap_or(&id).parse().map_err(|_| ApiError::bad_request("not a job id"))?;
     state.jobs.cancel(id).await?;
     Ok(Json(serde_json::json!({ "cancelled": id })))
 }

@@ -15,7 +15,12 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn bad_request(message: impl Into<String>) -> Self {
-        ApiError { status: StatusCode::BAD_REQUEST, kind: "invalid_request_error", code: "invalid_request", message: message.into() }
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            kind: "invalid_request_error",
+            code: "invalid_request",
+            message: message.into(),
+        }
     }
 
     pub fn unknown_model(model: &str) -> Self {
@@ -37,7 +42,12 @@ impl ApiError {
     }
 
     pub fn unavailable(message: impl Into<String>) -> Self {
-        ApiError { status: StatusCode::SERVICE_UNAVAILABLE, kind: "server_error", code: "unavailable", message: message.into() }
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            kind: "server_error",
+            code: "unavailable",
+            message: message.into(),
+        }
     }
 
     pub fn timeout() -> Self {
@@ -50,7 +60,12 @@ impl ApiError {
     }
 
     pub fn not_found(message: impl Into<String>) -> Self {
-        ApiError { status: StatusCode::NOT_FOUND, kind: "invalid_request_error", code: "not_found", message: message.into() }
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            kind: "invalid_request_error",
+            code: "not_found",
+            message: message.into(),
+        }
     }
 
     /// A job's `failed` event, as the HTTP answer.

@@ -20,7 +20,10 @@ pub struct NerRequest {
     model: Option<String>,
 }
 
-pub async fn ner(State(state): State<AppState>, body: Result<Json<NerRequest>, JsonRejection>) -> Result<Json<serde_json::Value>, ApiError> {
+pub async fn ner(
+    State(state): State<AppState>,
+    body: Result<Json<NerRequest>, JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let Json(request) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
     if request.text.trim().is_empty() {
         return Err(ApiError::bad_request("the text is empty"));
@@ -36,7 +39,8 @@ pub async fn ner(State(state): State<AppState>, body: Result<Json<NerRequest>, J
     let origin = Origin { frontend: "http".into(), user: "anonymous".into(), conversation: None };
     let mut job = Job::new(model.clone(), origin, JobInput::Ner(NerInput { text: request.text }));
     job.deadline = Some(job.created_at + state.job_timeout);
-    let outcome = tokio::time::timeout(state.job_timeout, state.jobs.run_job(&job)).await.map_err(|_| ApiError::timeout())?;
+    let outcome =
+        tokio::time::timeout(state.job_timeout, state.jobs.run_job(&job)).await.map_err(|_| ApiError::timeout())?;
     match outcome {
         Ok((JobResult::Ner { entities }, metrics)) => {
             Ok(Json(serde_json::json!({ "id": job.id, "model": model, "entities": entities, "metrics": metrics })))

@@ -104,7 +104,10 @@ impl ChatRequest {
                 Content::Text(t) => t,
                 Content::Parts(parts) => {
                     if let Some(p) = parts.iter().find(|p| p.kind != "text") {
-                        return Err(ApiError::bad_request(format!("content parts of type `{}` are not supported", p.kind)));
+                        return Err(ApiError::bad_request(format!(
+                            "content parts of type `{}` are not supported",
+                            p.kind
+                        )));
                     }
                     parts.into_iter().map(|p| p.text).collect::<Vec<_>>().join("\n")
                 }
@@ -113,7 +116,9 @@ impl ChatRequest {
         }
         match messages.last() {
             None => return Err(ApiError::bad_request("messages must not be empty")),
-            Some(m) if m.role != Role::User => return Err(ApiError::bad_request("the last message must have role `user`")),
+            Some(m) if m.role != Role::User => {
+                return Err(ApiError::bad_request("the last message must have role `user`"))
+            }
             Some(m) if m.content.trim().is_empty() => return Err(ApiError::bad_request("the last message is empty")),
             _ => {}
         }
@@ -148,7 +153,10 @@ pub async fn resolve_model(state: &AppState, requested: Option<&str>, kind: JobK
             let default = state.catalog.default_for(kind).map(|m| m.id.clone());
             match default {
                 Some(d) if served.contains(&d) => Ok(d),
-                _ => served.into_iter().next().ok_or_else(|| ApiError::no_worker(default.as_deref().unwrap_or("default"))),
+                _ => served
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| ApiError::no_worker(default.as_deref().unwrap_or("default"))),
             }
         }
         Some(m) if served.iter().any(|s| s == m) => Ok(m.to_string()),
@@ -187,7 +195,8 @@ pub async fn chat_completions(
     let Json(request) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let (model, input, stream, user) = request.into_input()?;
     let model = resolve_model(&state, model.as_deref(), JobKind::Chat).await?;
-    let origin = Origin { frontend: "http".into(), user: user.unwrap_or_else(|| "anonymous".into()), conversation: None };
+    let origin =
+        Origin { frontend: "http".into(), user: user.unwrap_or_else(|| "anonymous".into()), conversation: None };
     let mut job = Job::new(model.clone(), origin, JobInput::Chat(input));
     job.deadline = Some(job.created_at + state.job_timeout);
     let updates: Updates = Box::pin(state.jobs.chat_updates(job.id).await?);

@@ -59,9 +59,17 @@ impl ChatEngine {
                 .and_then(|id| tokenizer.token_text(id))
                 .unwrap_or_default()
         };
-        let template = ChatTemplate::new(source, special("tokenizer.ggml.bos_token_id"), special("tokenizer.ggml.eos_token_id"))?;
+        let template =
+            ChatTemplate::new(source, special("tokenizer.ggml.bos_token_id"), special("tokenizer.ggml.eos_token_id"))?;
         let trained = model::context_length(&content).unwrap_or(2048);
-        Ok(ChatEngine { model, tokenizer, template, window: trained.min(max_context).max(16), device, ignore_eos: false })
+        Ok(ChatEngine {
+            model,
+            tokenizer,
+            template,
+            window: trained.min(max_context).max(16),
+            device,
+            ignore_eos: false,
+        })
     }
 
     pub fn set_ignore_eos(&mut self, ignore: bool) {
@@ -223,9 +231,7 @@ fn sampling(p: &SamplingParams) -> Sampling {
 fn validate_messages(messages: &[ChatMessage]) -> Result<(), EngineError> {
     match messages.last() {
         None => Err(EngineError::bad_input("the conversation has no messages")),
-        Some(last) if last.role != Role::User => {
-            Err(EngineError::bad_input("the last message must be the user's"))
-        }
+        Some(last) if last.role != Role::User => Err(EngineError::bad_input("the last message must be the user's")),
         Some(last) if last.content.trim().is_empty() => Err(EngineError::bad_input("the message is empty")),
         _ => Ok(()),
     }
@@ -329,7 +335,14 @@ mod tests {
     #[test]
     fn same_seed_same_sample_different_seed_differs() {
         let (_dir, mut engine) = tiny(GgmlDType::Q8_0);
-        let sampled = |seed| SamplingParams { temperature: 1.5, top_k: Some(50), top_p: Some(0.95), max_tokens: 32, seed, ..Default::default() };
+        let sampled = |seed| SamplingParams {
+            temperature: 1.5,
+            top_k: Some(50),
+            top_p: Some(0.95),
+            max_tokens: 32,
+            seed,
+            ..Default::default()
+        };
         let (a, _) = generate(&mut engine, &input("hi", sampled(1)));
         let (b, _) = generate(&mut engine, &input("hi", sampled(1)));
         let (c, _) = generate(&mut engine, &input("hi", sampled(2)));
@@ -347,7 +360,8 @@ mod tests {
         assert!(chars.len() > 6, "{text:?}");
         let stop: String = chars[4..6].iter().collect();
         let prefix = &text[..text.find(&stop).unwrap()];
-        let (cut, streamed) = generate(&mut engine, &input("hello", SamplingParams { stop: vec![stop.clone()], ..greedy(40) }));
+        let (cut, streamed) =
+            generate(&mut engine, &input("hello", SamplingParams { stop: vec![stop.clone()], ..greedy(40) }));
         assert_eq!(text_of(&cut), prefix);
         assert_eq!(streamed, prefix);
         assert!(matches!(cut.result, JobResult::Chat { finish_reason: FinishReason::Stop, .. }));
@@ -383,14 +397,24 @@ mod tests {
         assert!(msg.contains("context window"), "{msg}");
         assert_eq!(err(&mut engine, input("  ", greedy(8))).0, ErrorCode::BadInput);
         assert_eq!(err(&mut engine, ChatInput { messages: vec![], params: greedy(8) }).0, ErrorCode::BadInput);
-        assert_eq!(err(&mut engine, input("hi", SamplingParams { temperature: -2.0, ..greedy(8) })).0, ErrorCode::InvalidParams);
+        assert_eq!(
+            err(&mut engine, input("hi", SamplingParams { temperature: -2.0, ..greedy(8) })).0,
+            ErrorCode::InvalidParams
+        );
     }
 
     #[test]
     fn cancellation_stops_within_a_step() {
         let (_dir, mut engine) = tiny(GgmlDType::Q8_0);
         let steps = std::cell::Cell::new(0);
-        let result = engine.generate(&input("hello", greedy(200)), &|| { steps.set(steps.get() + 1); steps.get() > 5 }, &mut |_| {});
+        let result = engine.generate(
+            &input("hello", greedy(200)),
+            &|| {
+                steps.set(steps.get() + 1);
+                steps.get() > 5
+            },
+            &mut |_| {},
+        );
         assert!(matches!(result, Err(EngineError::Cancelled)));
         assert_eq!(steps.get(), 6);
     }

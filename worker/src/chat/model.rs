@@ -56,8 +56,8 @@ fn needs_conversion(dtype: GgmlDType) -> bool {
 pub fn read_content(path: &Path) -> Result<(gguf_file::Content, BufReader<File>), ModelError> {
     let file = File::open(path).map_err(|source| ModelError::Open { path: path.into(), source })?;
     let mut reader = BufReader::new(file);
-    let content = gguf_file::Content::read(&mut reader)
-        .map_err(|source| ModelError::Gguf { path: path.into(), source })?;
+    let content =
+        gguf_file::Content::read(&mut reader).map_err(|source| ModelError::Gguf { path: path.into(), source })?;
     Ok((content, reader))
 }
 
@@ -90,8 +90,7 @@ pub fn fast_gguf(path: &Path) -> Result<PathBuf, ModelError> {
         };
         tensors.push((name.as_str(), qt));
     }
-    let mut metadata: Vec<(&str, &gguf_file::Value)> =
-        content.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut metadata: Vec<(&str, &gguf_file::Value)> = content.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     metadata.sort_by_key(|(k, _)| *k);
     let tmp = cached.with_extension("gguf.tmp");
     let write_err = |source| ModelError::Write { path: cached.clone(), source };
@@ -114,25 +113,30 @@ pub fn load(path: &Path, device: &Device) -> Result<(Model, gguf_file::Content),
     let (header, _) = read_content(path)?;
     let load_err = |source| ModelError::Load { path: path.into(), source };
     let model = match arch.as_str() {
-        "llama" => Model::Llama(quantized_llama::ModelWeights::from_gguf(content, &mut reader, device).map_err(load_err)?),
-        "qwen2" => Model::Qwen2(quantized_qwen2::ModelWeights::from_gguf(content, &mut reader, device).map_err(load_err)?),
-        "gemma3" => Model::Gemma3(quantized_gemma3::ModelWeights::from_gguf(content, &mut reader, device).map_err(load_err)?),
+        "llama" => {
+            Model::Llama(quantized_llama::ModelWeights::from_gguf(content, &mut reader, device).map_err(load_err)?)
+        }
+        "qwen2" => {
+            Model::Qwen2(quantized_qwen2::ModelWeights::from_gguf(content, &mut reader, device).map_err(load_err)?)
+        }
+        "gemma3" => {
+            Model::Gemma3(quantized_gemma3::ModelWeights::from_gguf(content, &mut reader, device).map_err(load_err)?)
+        }
         other => return Err(ModelError::Architecture(other.to_string())),
     };
     Ok((model, header))
 }
 
 pub fn architecture(content: &gguf_file::Content) -> String {
-    content
-        .metadata
-        .get("general.architecture")
-        .and_then(|v| v.to_string().ok())
-        .cloned()
-        .unwrap_or_default()
+    content.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default()
 }
 
 /// The model's trained context length, from `<arch>.context_length`.
 pub fn context_length(content: &gguf_file::Content) -> Option<usize> {
     let key = format!("{}.context_length", architecture(content));
-    content.metadata.get(&key).and_then(|v| v.to_u64().ok().or_else(|| v.to_u32().ok().map(u64::from))).map(|n| n as usize)
+    content
+        .metadata
+        .get(&key)
+        .and_then(|v| v.to_u64().ok().or_else(|| v.to_u32().ok().map(u64::from)))
+        .map(|n| n as usize)
 }

@@ -59,12 +59,7 @@ impl StopMatcher {
             self.pending.clear();
             return StopScan::Stop(out);
         }
-        let hold = self
-            .stops
-            .iter()
-            .map(|s| longest_suffix_prefix(&self.pending, s))
-            .max()
-            .unwrap_or(0);
+        let hold = self.stops.iter().map(|s| longest_suffix_prefix(&self.pending, s)).max().unwrap_or(0);
         let cut = self.pending.len() - hold;
         let out = self.pending[..cut].to_string();
         self.pending.drain(..cut);
@@ -83,7 +78,9 @@ fn longest_suffix_prefix(text: &str, stop: &str) -> usize {
     let max = text.len().min(stop.len().saturating_sub(1));
     (1..=max)
         .rev()
-        .find(|&n| text.is_char_boundary(text.len() - n) && stop.as_bytes().starts_with(&text.as_bytes()[text.len() - n..]))
+        .find(|&n| {
+            text.is_char_boundary(text.len() - n) && stop.as_bytes().starts_with(&text.as_bytes()[text.len() - n..])
+        })
         .unwrap_or(0)
 }
 

@@ -21,7 +21,8 @@ pub struct GgufTokenizer {
 
 impl GgufTokenizer {
     pub fn from_gguf(content: &gguf_file::Content) -> Result<Self, String> {
-        let mut inner = Tokenizer::from_gguf(content).map_err(|e| format!("cannot build the tokenizer from GGUF metadata: {e}"))?;
+        let mut inner =
+            Tokenizer::from_gguf(content).map_err(|e| format!("cannot build the tokenizer from GGUF metadata: {e}"))?;
         let pre = content.metadata.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned();
         if pre.as_deref() == Some("smollm") {
             // SmolLM's tokenizer.json: digits split one by one, then byte-level
@@ -40,11 +41,8 @@ impl GgufTokenizer {
         stop_ids.sort_unstable();
         stop_ids.dedup();
         let bos = id_of("tokenizer.ggml.bos_token_id").and_then(|id| inner.id_to_token(id).map(|t| (id, t)));
-        let add_bos = content
-            .metadata
-            .get("tokenizer.ggml.add_bos_token")
-            .and_then(|v| v.to_bool().ok())
-            .unwrap_or(false);
+        let add_bos =
+            content.metadata.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false);
         Ok(GgufTokenizer { inner, stop_ids, bos, add_bos })
     }
 

@@ -138,7 +138,13 @@ mod tests {
         let spans = vec![
             WordSpan { word: Some(0), start: b("Zoë"), end: b("Zoë") + "Zo".len(), label: 1, score: 0.9 },
             WordSpan { word: Some(0), start: b("ë"), end: b("ë") + "ë".len(), label: 0, score: 0.5 },
-            WordSpan { word: Some(1), start: b("Ångström"), end: b("Ångström") + "Ångström".len(), label: 2, score: 0.7 },
+            WordSpan {
+                word: Some(1),
+                start: b("Ångström"),
+                end: b("Ångström") + "Ångström".len(),
+                label: 2,
+                score: 0.7,
+            },
             WordSpan { word: Some(2), start: b("lives"), end: b("lives") + 5, label: 0, score: 0.99 },
             WordSpan { word: Some(3), start: b("in"), end: b("in") + 2, label: 0, score: 0.99 },
             WordSpan { word: Some(4), start: b("São"), end: b("São") + "São".len(), label: 3, score: 0.8 },

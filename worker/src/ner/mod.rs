@@ -40,14 +40,19 @@ impl NerEngine {
     /// Loads a checkpoint directory: config.json (with id2label), tokenizer.json
     /// or vocab.txt, and model.safetensors or pytorch_model.bin.
     pub fn load(dir: &Path) -> Result<Self, String> {
-        let read = |name: &str| std::fs::read_to_string(dir.join(name)).map_err(|e| format!("{}: {e}", dir.join(name).display()));
+        let read = |name: &str| {
+            std::fs::read_to_string(dir.join(name)).map_err(|e| format!("{}: {e}", dir.join(name).display()))
+        };
         let config_text = read("config.json")?;
         let config: Config = serde_json::from_str(&config_text).map_err(|e| format!("config.json: {e}"))?;
-        let labels: LabelConfig = serde_json::from_str(&config_text).map_err(|e| format!("config.json id2label: {e}"))?;
+        let labels: LabelConfig =
+            serde_json::from_str(&config_text).map_err(|e| format!("config.json id2label: {e}"))?;
         let mut labels_by_id: Vec<(usize, String)> = labels
             .id2label
             .into_iter()
-            .map(|(k, v)| k.parse::<usize>().map(|k| (k, v)).map_err(|_| format!("config.json: label id `{k}` is not a number")))
+            .map(|(k, v)| {
+                k.parse::<usize>().map(|k| (k, v)).map_err(|_| format!("config.json: label id `{k}` is not a number"))
+            })
             .collect::<Result<_, _>>()?;
         labels_by_id.sort();
         let labels: Vec<String> = labels_by_id.into_iter().map(|(_, v)| v).collect();
@@ -65,7 +70,8 @@ impl NerEngine {
             unsafe { VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &device) }
                 .map_err(|e| format!("model.safetensors: {e}"))?
         } else {
-            VarBuilder::from_pth(dir.join("pytorch_model.bin"), DType::F32, &device).map_err(|e| format!("pytorch_model.bin: {e}"))?
+            VarBuilder::from_pth(dir.join("pytorch_model.bin"), DType::F32, &device)
+                .map_err(|e| format!("pytorch_model.bin: {e}"))?
         };
         let bert = BertModel::load(vb.clone(), &config).map_err(|e| format!("cannot load BERT weights: {e}"))?;
         let classifier = candle_nn::linear(config.hidden_size, labels.len(), vb.pp("classifier"))
@@ -98,7 +104,8 @@ impl NerEngine {
             tracing::error!("ner: {e}");
             EngineError::Failed { code: ErrorCode::Internal, message: "the model failed while running this job".into() }
         };
-        let encoding = self.tokenizer.encode(text, false).map_err(|e| EngineError::bad_input(format!("cannot tokenize: {e}")))?;
+        let encoding =
+            self.tokenizer.encode(text, false).map_err(|e| EngineError::bad_input(format!("cannot tokenize: {e}")))?;
         let ids = encoding.get_ids();
         let offsets = encoding.get_offsets();
         let words = encoding.get_word_ids();
@@ -114,11 +121,14 @@ impl NerEngine {
             window_ids.extend_from_slice(&ids[start..end]);
             window_ids.push(self.sep);
             let logits = self.logits(&window_ids).map_err(|e| internal(e.to_string()))?;
-            let probs = candle_nn::ops::softmax(&logits, D::Minus1).and_then(|p| p.to_vec2::<f32>()).map_err(|e| internal(e.to_string()))?;
+            let probs = candle_nn::ops::softmax(&logits, D::Minus1)
+                .and_then(|p| p.to_vec2::<f32>())
+                .map_err(|e| internal(e.to_string()))?;
             for i in start..end {
                 let margin = (i - start).min(end - 1 - i);
                 let row = &probs[i - start + 1];
-                let (label, score) = row.iter().enumerate().fold((0, f32::MIN), |best, (j, &p)| if p > best.1 { (j, p) } else { best });
+                let (label, score) =
+                    row.iter().enumerate().fold((0, f32::MIN), |best, (j, &p)| if p > best.1 { (j, p) } else { best });
                 if predictions[i].as_ref().is_none_or(|p| margin > p.margin) {
                     predictions[i] = Some(TokenPrediction { label, score, margin });
                 }
@@ -127,7 +137,13 @@ impl NerEngine {
         let spans: Vec<WordSpan> = (0..n)
             .filter_map(|i| {
                 let p = predictions[i].clone()?;
-                Some(WordSpan { word: words[i], start: offsets[i].0, end: offsets[i].1, label: p.label, score: p.score })
+                Some(WordSpan {
+                    word: words[i],
+                    start: offsets[i].0,
+                    end: offsets[i].1,
+                    label: p.label,
+                    score: p.score,
+                })
             })
             .collect();
         Ok((aggregate::entities(text, &spans, &self.labels), n))
@@ -240,8 +256,11 @@ mod tests {
     fn empty_and_oversize_texts_fail_clearly() {
         let (_dir, mut ner) = engine(0);
         let job = |text: String| {
-            Job::new("tiny", natter_shared::proto::Origin { frontend: "t".into(), user: "u".into(), conversation: None },
-                JobInput::Ner(natter_shared::proto::NerInput { text }))
+            Job::new(
+                "tiny",
+                natter_shared::proto::Origin { frontend: "t".into(), user: "u".into(), conversation: None },
+                JobInput::Ner(natter_shared::proto::NerInput { text }),
+            )
         };
         let (tx, _rx) = tokio::sync::mpsc::channel(4);
         let ctx = JobContext::new(tx, Default::default());

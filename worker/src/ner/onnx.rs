@@ -100,7 +100,8 @@ const INT8: i32 = 3;
 
 impl TensorProto {
     fn parse(buf: &[u8]) -> Result<Self, OnnxError> {
-        let mut t = TensorProto { name: String::new(), dims: vec![], data_type: 0, raw: vec![], floats: vec![], ints: vec![] };
+        let mut t =
+            TensorProto { name: String::new(), dims: vec![], data_type: 0, raw: vec![], floats: vec![], ints: vec![] };
         for field in fields(buf) {
             match field? {
                 (1, Value::Varint(d)) => t.dims.push(d as usize),
@@ -176,7 +177,8 @@ pub struct NodeProto {
 
 impl NodeProto {
     fn parse(buf: &[u8]) -> Result<Self, OnnxError> {
-        let mut n = NodeProto { name: String::new(), op_type: String::new(), inputs: vec![], int_attrs: HashMap::new() };
+        let mut n =
+            NodeProto { name: String::new(), op_type: String::new(), inputs: vec![], int_attrs: HashMap::new() };
         for field in fields(buf) {
             match field? {
                 (1, Value::Bytes(b)) => n.inputs.push(string(b)?),
@@ -202,7 +204,10 @@ impl NodeProto {
     }
 
     fn attr(&self, name: &str) -> Result<usize, OnnxError> {
-        self.int_attrs.get(name).map(|&v| v as usize).ok_or_else(|| err(format!("{}: missing attribute {name}", self.name)))
+        self.int_attrs
+            .get(name)
+            .map(|&v| v as usize)
+            .ok_or_else(|| err(format!("{}: missing attribute {name}", self.name)))
     }
 }
 
@@ -290,21 +295,31 @@ pub fn dequantized_weights(g: &Graph) -> Result<HashMap<String, Tensor>, OnnxErr
     let tensor = |data: Vec<f32>, dims: &[usize]| Tensor::from_vec(data, dims, &cpu).map_err(|e| err(e.to_string()));
     let mut out = HashMap::new();
     for node in g.nodes.iter().filter(|n| n.op_type == "MatMulNBits") {
-        let name = weight_name(&node.name).ok_or_else(|| err(format!("cannot name the weights of node {}", node.name)))?;
+        let name =
+            weight_name(&node.name).ok_or_else(|| err(format!("cannot name the weights of node {}", node.name)))?;
         let data = dequantize_nbits(node, g)?;
         out.insert(name, tensor(data, &[node.attr("N")?, node.attr("K")?])?);
     }
     for (name, t) in &g.initializers {
         if let Some(base) = name.strip_suffix("_quantized") {
             let q = t.to_i32()?;
-            let scale = g.initializers.get(&format!("{base}_scale")).ok_or_else(|| err(format!("no scale for {name}")))?.to_f32()?;
+            let scale = g
+                .initializers
+                .get(&format!("{base}_scale"))
+                .ok_or_else(|| err(format!("no scale for {name}")))?
+                .to_f32()?;
             let zp = match g.initializers.get(&format!("{base}_zero_point")) {
                 Some(z) => z.to_i32()?[0] as f32,
                 None => 0.0,
             };
             let data = q.iter().map(|&v| (v as f32 - zp) * scale[0]).collect();
             out.insert(base.to_string(), tensor(data, &t.dims)?);
-        } else if t.data_type == FLOAT && !name.starts_with("onnx::") && !name.ends_with("_scale") && !name.ends_with("_scales") && name.contains('.') {
+        } else if t.data_type == FLOAT
+            && !name.starts_with("onnx::")
+            && !name.ends_with("_scale")
+            && !name.ends_with("_scales")
+            && name.contains('.')
+        {
             out.insert(name.clone(), tensor(t.to_f32()?, &t.dims)?);
         }
     }
@@ -319,7 +334,10 @@ mod tests {
     fn varints_and_names() {
         let mut buf: &[u8] = &[0xac, 0x02];
         assert_eq!(varint(&mut buf).unwrap(), 300);
-        assert_eq!(weight_name("/bert/encoder/layer.0/attention/self/query/MatMul_Q4").unwrap(), "bert.encoder.layer.0.attention.self.query.weight");
+        assert_eq!(
+            weight_name("/bert/encoder/layer.0/attention/self/query/MatMul_Q4").unwrap(),
+            "bert.encoder.layer.0.attention.self.query.weight"
+        );
         assert_eq!(weight_name("/classifier/MatMul_Q4").unwrap(), "classifier.weight");
     }
 
@@ -330,9 +348,28 @@ mod tests {
         for (k, v) in [("K", 4), ("N", 1), ("bits", 4), ("block_size", 4)] {
             attrs.insert(k.to_string(), v);
         }
-        let node = NodeProto { name: "/m/MatMul_Q4".into(), op_type: "MatMulNBits".into(), inputs: vec!["x".into(), "b".into(), "s".into()], int_attrs: attrs };
-        let b = TensorProto { name: "b".into(), dims: vec![1, 1, 2], data_type: UINT8, raw: vec![0x9a, 0x08], floats: vec![], ints: vec![] };
-        let s = TensorProto { name: "s".into(), dims: vec![1, 1], data_type: FLOAT, raw: vec![], floats: vec![0.5], ints: vec![] };
+        let node = NodeProto {
+            name: "/m/MatMul_Q4".into(),
+            op_type: "MatMulNBits".into(),
+            inputs: vec!["x".into(), "b".into(), "s".into()],
+            int_attrs: attrs,
+        };
+        let b = TensorProto {
+            name: "b".into(),
+            dims: vec![1, 1, 2],
+            data_type: UINT8,
+            raw: vec![0x9a, 0x08],
+            floats: vec![],
+            ints: vec![],
+        };
+        let s = TensorProto {
+            name: "s".into(),
+            dims: vec![1, 1],
+            data_type: FLOAT,
+            raw: vec![],
+            floats: vec![0.5],
+            ints: vec![],
+        };
         let g = Graph { initializers: HashMap::from([("b".into(), b), ("s".into(), s)]), nodes: vec![] };
         assert_eq!(dequantize_nbits(&node, &g).unwrap(), [1.0, 0.5, 0.0, -4.0]);
     }

@@ -51,6 +51,20 @@ fn real_model_finds_name_email_street_and_city_at_exact_offsets() {
     assert_eq!(email.start, text[..text.find("zoe.").unwrap()].chars().count());
 }
 
+#[test]
+fn offsets_count_characters_past_emoji_and_cjk() {
+    let engine = NerEngine::load(&ner_dir()).unwrap();
+    let text = "🙂🎉 東京の友達 — Contact Zoë Martínez at zoe.martinez@example.org today 👍";
+    let (entities, _) = engine.entities(text).unwrap();
+    let chars: Vec<char> = text.chars().collect();
+    for e in &entities {
+        assert_eq!(chars[e.start..e.end].iter().collect::<String>(), e.text, "{e:?}");
+    }
+    let email = entities.iter().find(|e| e.label == "EMAIL").expect("the email is found");
+    assert_eq!(email.text, "zoe.martinez@example.org");
+    assert_eq!(email.start, text[..text.find("zoe.").unwrap()].chars().count());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ner_over_http_returns_entities_and_clear_errors() {
     let nats = NatsServer::start();

@@ -12,7 +12,7 @@ export NATTER_HTTP_ADDR="${NATTER_HTTP_ADDR:-127.0.0.1:8080}"
 
 scripts/install-deps.sh
 echo "building natter (release; the first build takes a few minutes)"
-cargo build --release --bins
+cargo build --release --workspace --bins
 bin="$CARGO_TARGET_DIR/release"
 
 pids=()

@@ -36,14 +36,9 @@ fn streamed_text(data: &[String]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_model_streams_an_answer_over_sse_and_answers_without_streaming() {
-    let nats = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let catalog = catalog_with_tiny(dir.path());
-    let _worker =
-        InProcessWorker::start(&nats, catalog.clone(), &real_model_dir(), &[REAL_MODEL], "w-real", settings(30.0, 3))
-            .await;
-    let (url, _stop) = start_http(&nats, catalog).await;
-    let http = reqwest::Client::new();
+    let stack = Stack::start(&[REAL_MODEL]).await;
+    let url = stack.url.clone();
+    let http = stack.http.clone();
 
     let models: Value = http.get(format!("{url}/v1/models")).send().await.unwrap().json().await.unwrap();
     let ids: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
@@ -89,22 +84,10 @@ async fn real_model_streams_an_answer_over_sse_and_answers_without_streaming() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_errors_use_openai_shapes_and_honest_codes() {
-    let nats = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let catalog = catalog_with_tiny(dir.path());
-    let _worker =
-        InProcessWorker::start(&nats, catalog.clone(), dir.path(), &[TINY_MODEL], "w-tiny", settings(30.0, 3)).await;
-    let (url, _stop) = start_http(&nats, catalog).await;
-    let http = reqwest::Client::new();
-    let post = |body: Value| {
-        let http = http.clone();
-        let url = url.clone();
-        async move {
-            let resp = http.post(format!("{url}/v1/chat/completions")).json(&body).send().await.unwrap();
-            let status = resp.status().as_u16();
-            (status, resp.json::<Value>().await.unwrap())
-        }
-    };
+    let stack = Stack::start(&[TINY_MODEL]).await;
+    let url = stack.url.clone();
+    let http = stack.http.clone();
+    let post = |body: Value| stack.post("/v1/chat/completions", body);
     let hi = json!([{ "role": "user", "content": "hi" }]);
 
     let (status, body) = post(json!({ "model": "no-such-model", "messages": hi })).await;
@@ -142,24 +125,20 @@ async fn http_errors_use_openai_shapes_and_honest_codes() {
     assert_eq!(body["error"]["code"], "context_length_exceeded");
 
     // The worker kept serving through all of it.
-    let (status, body) = post(json!({ "model": TINY_MODEL, "messages": hi, "max_tokens": 5 })).await;
+    let (status, body) = post(json!({ "model": TINY_MODEL, "messages": hi, "max_tokens": 5, "temperature": 0 })).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["usage"]["completion_tokens"], 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_disconnects_cancels_its_job() {
-    let nats = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let catalog = catalog_with_tiny(dir.path());
-    let _worker =
-        InProcessWorker::start(&nats, catalog.clone(), &real_model_dir(), &[REAL_MODEL], "w-real", settings(30.0, 3))
-            .await;
-    let (url, _stop) = start_http(&nats, catalog).await;
-    let client = nats.connect().await;
+    let stack = Stack::start(&[REAL_MODEL]).await;
+    let url = stack.url.clone();
+    let client = stack.nats.connect().await;
     let mut events = client.subscribe("natter.events.>").await.unwrap();
 
-    let resp = reqwest::Client::new()
+    let resp = stack
+        .http
         .post(format!("{url}/v1/chat/completions"))
         .json(&json!({
             "messages": [{ "role": "user", "content": "Write a very long story about a dragon and a knight." }],

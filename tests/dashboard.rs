@@ -13,19 +13,8 @@ async fn dashboard_chats_streams_stops_highlights_entities_and_fits_a_phone() {
         script_dir.join("node_modules/playwright-core").is_dir(),
         "playwright-core is not installed; run scripts/install-deps.sh --test"
     );
-    let nats = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let catalog = catalog_with_tiny(dir.path());
-    let _worker = InProcessWorker::start(
-        &nats,
-        catalog.clone(),
-        &real_model_dir(),
-        &[REAL_MODEL, NER_MODEL],
-        "w-real",
-        settings(30.0, 3),
-    )
-    .await;
-    let (url, _stop) = start_http(&nats, catalog).await;
+    let stack = Stack::start(&[REAL_MODEL, NER_MODEL]).await;
+    let url = stack.url.clone();
     let output = tokio::task::spawn_blocking(move || {
         Command::new("node").arg("dashboard.mjs").arg(&url).current_dir(&script_dir).output().expect("run node")
     })

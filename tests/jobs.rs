@@ -33,10 +33,8 @@ fn failed_code(u: &ChatUpdate) -> ErrorCode {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_jobs_fail_clearly_and_the_worker_keeps_serving() {
-    let nats = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let catalog = catalog_with_tiny(dir.path());
-    let _worker = InProcessWorker::start(&nats, catalog, dir.path(), &[TINY_MODEL], "w-tiny", settings(30.0, 3)).await;
+    let stack = Stack::start(&[TINY_MODEL]).await;
+    let nats = &stack.nats;
     let jobs = JobClient::connect(&nats.url(), &settings(30.0, 3)).await.unwrap();
     let client = nats.connect().await;
     let js = async_nats::jetstream::new(client.clone());
@@ -107,11 +105,8 @@ async fn bad_jobs_fail_clearly_and_the_worker_keeps_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_stops_a_running_job_within_a_step_and_drops_a_queued_one() {
-    let nats = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let catalog = catalog_with_tiny(dir.path());
-    let _worker =
-        InProcessWorker::start(&nats, catalog, &real_model_dir(), &[REAL_MODEL], "w-real", settings(30.0, 3)).await;
+    let stack = Stack::start(&[REAL_MODEL]).await;
+    let nats = &stack.nats;
     let jobs = JobClient::connect(&nats.url(), &settings(30.0, 3)).await.unwrap();
     let long = SamplingParams { temperature: 0.8, seed: 11, max_tokens: 2000, ..Default::default() };
     let running = chat_job(REAL_MODEL, "Write a very long story about a dragon and a knight.", long.clone());

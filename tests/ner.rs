@@ -67,21 +67,8 @@ fn offsets_count_characters_past_emoji_and_cjk() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ner_over_http_returns_entities_and_clear_errors() {
-    let nats = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let catalog = catalog_with_tiny(dir.path());
-    let _worker =
-        InProcessWorker::start(&nats, catalog.clone(), &models_dir(), &[NER_MODEL], "w-ner", settings(30.0, 3)).await;
-    let (url, _stop) = start_http(&nats, catalog).await;
-    let http = reqwest::Client::new();
-    let post = |body: Value| {
-        let http = http.clone();
-        let url = url.clone();
-        async move {
-            let resp = http.post(format!("{url}/api/ner")).json(&body).send().await.unwrap();
-            (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
-        }
-    };
+    let stack = Stack::start(&[NER_MODEL]).await;
+    let post = |body: Value| stack.post("/api/ner", body);
     let (status, body) = post(json!({ "text": "Please email Anna Schmidt at anna.schmidt@example.com." })).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["model"], NER_MODEL);

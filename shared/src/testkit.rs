@@ -18,22 +18,32 @@ impl NatsServer {
     /// The binary is `$NATS_SERVER_BIN`, else `nats-server` on `PATH`, else the
     /// copy `scripts/install-deps.sh` puts in `~/.cache/natter/bin`.
     pub fn start() -> NatsServer {
-        let store = tempfile::tempdir().expect("temp dir for JetStream store");
-        let port = free_port();
-        let child = Command::new(binary())
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(store.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nats-server (run scripts/install-deps.sh to install it)");
-        let server = NatsServer { child, port, _store: store };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not start on port {port}");
-            std::thread::sleep(Duration::from_millis(20));
+        // A port picked free can be taken by another test's server before ours
+        // binds it; a server that exits at once is retried on a new port.
+        for _ in 0..5 {
+            let store = tempfile::tempdir().expect("temp dir for JetStream store");
+            let port = free_port();
+            let mut child = Command::new(binary())
+                .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+                .arg(store.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start nats-server (run scripts/install-deps.sh to install it)");
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if child.try_wait().ok().flatten().is_some() {
+                    break;
+                }
+                if greets(port) {
+                    return NatsServer { child, port, _store: store };
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
         }
-        server
+        panic!("nats-server did not start");
     }
 
     pub fn url(&self) -> String {
@@ -41,7 +51,11 @@ impl NatsServer {
     }
 
     pub async fn connect(&self) -> async_nats::Client {
-        async_nats::connect(self.url()).await.expect("connect to test nats-server")
+        async_nats::ConnectOptions::new()
+            .connection_timeout(Duration::from_secs(10))
+            .connect(self.url())
+            .await
+            .expect("connect to test nats-server")
     }
 }
 
@@ -50,6 +64,15 @@ impl Drop for NatsServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Whether a NATS server answers on `port` with its INFO greeting.
+fn greets(port: u16) -> bool {
+    use std::io::Read;
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut buf = [0u8; 4];
+    stream.read_exact(&mut buf).is_ok() && &buf == b"INFO"
 }
 
 fn free_port() -> u16 {

@@ -25,7 +25,8 @@ pub fn models_dir() -> PathBuf {
     std::env::var_os("NATTER_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("models"))
 }
 
-/// The shipped catalog plus a tiny test model written into `dir`.
+/// The shipped catalog plus a tiny test model written into `dir` (named by its
+/// absolute path, so any models directory finds it).
 pub fn catalog_with_tiny(dir: &Path) -> Catalog {
     let tiny = dir.join("tiny.gguf");
     if !tiny.exists() {
@@ -33,7 +34,8 @@ pub fn catalog_with_tiny(dir: &Path) -> Catalog {
     }
     let shipped = std::fs::read_to_string(repo_root().join("config/models.toml")).unwrap();
     let text = format!(
-        "{shipped}\n[[model]]\nid = \"{TINY_MODEL}\"\nkind = \"chat\"\narch = \"llama\"\nfile = \"tiny.gguf\"\n"
+        "{shipped}\n[[model]]\nid = \"{TINY_MODEL}\"\nkind = \"chat\"\narch = \"llama\"\nfile = \"{}\"\n",
+        tiny.display()
     );
     let path = dir.join("models.toml");
     std::fs::write(&path, text).unwrap();
@@ -132,6 +134,35 @@ pub async fn workers_serving(client: &async_nats::Client, model: &str) -> usize 
         .iter()
         .filter(|w| w.models.iter().any(|m| m == model))
         .count()
+}
+
+/// A whole natter on loopback: nats-server, one in-process worker serving
+/// `models` from the models directory, and the front-end.
+pub struct Stack {
+    pub nats: NatsServer,
+    pub url: String,
+    pub http: reqwest::Client,
+    _worker: InProcessWorker,
+    _front_end: oneshot::Sender<()>,
+    _dir: tempfile::TempDir,
+}
+
+impl Stack {
+    pub async fn start(models: &[&str]) -> Stack {
+        let nats = NatsServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = catalog_with_tiny(dir.path());
+        let worker =
+            InProcessWorker::start(&nats, catalog.clone(), &models_dir(), models, "w-test", settings(30.0, 3)).await;
+        let (url, stop) = start_http(&nats, catalog).await;
+        Stack { nats, url, http: reqwest::Client::new(), _worker: worker, _front_end: stop, _dir: dir }
+    }
+
+    /// POSTs JSON to `path`, returning the status and the JSON answer.
+    pub async fn post(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        let resp = self.http.post(format!("{}{path}", self.url)).json(&body).send().await.unwrap();
+        (resp.status().as_u16(), resp.json().await.unwrap())
+    }
 }
 
 /// The front-end on a free port; returns its base URL.

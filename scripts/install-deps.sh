@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what natter needs on a fresh Debian machine, skipping what is there.
 #   scripts/install-deps.sh          nats-server (to run natter)
-#   scripts/install-deps.sh --test   plus Chromium and playwright-core (dashboard tests)
+#   scripts/install-deps.sh --test   plus Chromium, playwright-core (dashboard tests) and
+#                                    the openai Python client (API compatibility test)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,6 +42,10 @@ if $want_test; then
   if [[ ! -x /usr/bin/chromium ]]; then
     echo "installing chromium"
     apt_install chromium
+  fi
+  if ! python3 -c "import openai" 2>/dev/null; then
+    echo "installing the openai Python client"
+    python3 -m pip install -q openai
   fi
   if [[ ! -d tests/dashboard/node_modules/playwright-core ]]; then
     echo "installing playwright-core"

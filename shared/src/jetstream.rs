@@ -66,7 +66,7 @@ mod secs {
     }
 }
 
-/// Creates (or finds) the three streams natter uses.
+/// Creates (or finds) the streams and the blob bucket natter uses.
 pub async fn ensure_streams(js: &jetstream::Context, settings: &JetStreamSettings) -> Result<Streams, SetupError> {
     let jobs = js
         .get_or_create_stream(stream::Config {
@@ -104,13 +104,16 @@ pub async fn ensure_streams(js: &jetstream::Context, settings: &JetStreamSetting
         })
         .await
         .map_err(|source| SetupError::Stream { name: CANCEL_STREAM, source })?;
-    Ok(Streams { jobs, events, cancels })
+    let blobs = blob_store(js, settings).await?;
+    Ok(Streams { jobs, events, cancels, blobs })
 }
 
 pub struct Streams {
     pub jobs: stream::Stream,
     pub events: stream::Stream,
     pub cancels: stream::Stream,
+    /// Where front-ends put blobs above [`crate::proto::INLINE_BLOB_LIMIT`].
+    pub blobs: jetstream::object_store::ObjectStore,
 }
 
 /// Durable consumer name for the workers serving `(kind, model)`; every worker
@@ -150,7 +153,7 @@ pub async fn job_consumer(
 }
 
 /// The object store bucket for blobs above [`crate::proto::INLINE_BLOB_LIMIT`].
-pub async fn blob_store(
+async fn blob_store(
     js: &jetstream::Context,
     settings: &JetStreamSettings,
 ) -> Result<jetstream::object_store::ObjectStore, SetupError> {

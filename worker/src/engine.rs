@@ -5,7 +5,7 @@
 //! cancellations) if it ran on it, so each engine lives on a dedicated OS thread.
 //! The runner talks to it only through [`EngineHandle`].
 
-use natter_shared::proto::{ErrorCode, EventBody, Job, JobKind, JobResult, Metrics};
+use natter_shared::proto::{ErrorCode, EventBody, Job, JobResult, Metrics};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
@@ -105,7 +105,6 @@ impl JobContext {
 
 /// A model that turns jobs of one kind into results.
 pub trait Engine: Send + 'static {
-    fn kind(&self) -> JobKind;
     fn run(&mut self, job: &Job, ctx: &JobContext) -> Result<Completed, EngineError>;
 }
 

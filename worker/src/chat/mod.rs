@@ -11,8 +11,7 @@ use candle_core::Device;
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use model::Model;
 use natter_shared::proto::{
-    ChatInput, ChatMessage, ErrorCode, EventBody, FinishReason, Job, JobInput, JobKind, JobResult, Metrics, Role,
-    SamplingParams,
+    ChatInput, ChatMessage, ErrorCode, EventBody, FinishReason, Job, JobInput, JobResult, Metrics, Role, SamplingParams,
 };
 use std::path::Path;
 use std::time::Instant;
@@ -74,10 +73,6 @@ impl ChatEngine {
 
     pub fn set_ignore_eos(&mut self, ignore: bool) {
         self.ignore_eos = ignore;
-    }
-
-    pub fn window(&self) -> usize {
-        self.window
     }
 
     /// Renders and tokenizes the conversation, dropping the oldest turns (never the
@@ -238,10 +233,6 @@ fn validate_messages(messages: &[ChatMessage]) -> Result<(), EngineError> {
 }
 
 impl Engine for ChatEngine {
-    fn kind(&self) -> JobKind {
-        JobKind::Chat
-    }
-
     fn run(&mut self, job: &Job, ctx: &JobContext) -> Result<Completed, EngineError> {
         let JobInput::Chat(input) = &job.input else {
             return Err(EngineError::bad_input(format!("a chat worker cannot run {} jobs", job.kind())));

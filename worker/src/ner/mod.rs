@@ -10,7 +10,7 @@ use aggregate::{TokenPrediction, WordSpan};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 use candle_transformers::models::bert::{BertModel, Config};
-use natter_shared::proto::{Entity, ErrorCode, Job, JobInput, JobKind, JobResult, Metrics};
+use natter_shared::proto::{Entity, ErrorCode, Job, JobInput, JobResult, Metrics};
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
@@ -83,10 +83,6 @@ impl NerEngine {
     /// Tokens of `text` (no special tokens), as windows count them.
     pub fn token_count(&self, text: &str) -> usize {
         self.tokenizer.encode(text, false).map(|e| e.len()).unwrap_or(0)
-    }
-
-    pub fn labels(&self) -> &[String] {
-        &self.labels
     }
 
     /// Raw logits `[tokens, labels]` for one window of ids ([CLS]/[SEP] included).
@@ -172,10 +168,6 @@ fn wordpiece_from_vocab(vocab: &Path, config_text: &str) -> Result<Tokenizer, St
 }
 
 impl Engine for NerEngine {
-    fn kind(&self) -> JobKind {
-        JobKind::Ner
-    }
-
     fn run(&mut self, job: &Job, ctx: &JobContext) -> Result<Completed, EngineError> {
         let JobInput::Ner(input) = &job.input else {
             return Err(EngineError::bad_input(format!("an NER worker cannot run {} jobs", job.kind())));

@@ -250,3 +250,13 @@ impl Drop for ChildWorker {
         let _ = self.child.wait();
     }
 }
+
+/// Runs an outside checker (`node dashboard.mjs URL`, `python3 client.py URL`) off
+/// the runtime and asserts it reports all its checks passed.
+pub async fn run_checker(mut command: Command) {
+    let output = tokio::task::spawn_blocking(move || command.output().expect("run the checker")).await.unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "checks failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("all checks passed"), "{stdout}");
+}

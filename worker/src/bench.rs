@@ -46,13 +46,7 @@ pub struct BenchNerArgs {
 pub const NER_SENTENCE: &str = "Maria Gonzalez moved from 42 Oak Street in Springfield to Boston; write to maria.gonzalez@example.com or call 555-0134. ";
 
 pub fn run_ner(args: &BenchNerArgs, loaded: &Loaded) -> Result<(), BenchError> {
-    let entry = match &args.model {
-        Some(id) => {
-            loaded.catalog.get(id).ok_or_else(|| BenchError::Engine(format!("model `{id}` is not in the catalog")))?
-        }
-        None => loaded.catalog.default_for(JobKind::Ner).ok_or(ConfigLoadError::NoDefault)?,
-    };
-    let path = fetch::resolve(entry, &loaded.models_dir)?;
+    let (entry, path) = fetched_model(loaded, args.model.as_deref(), JobKind::Ner)?;
     let engine = crate::ner::NerEngine::load(&path).map_err(BenchError::Engine)?;
     println!("model {} ({}), {} threads, {} runs after one warm-up", entry.id, path.display(), args.threads, args.runs);
     println!("| tokens | mean latency ms | texts/s | entities |");
@@ -97,13 +91,7 @@ pub enum BenchError {
 }
 
 pub fn run(args: &BenchArgs, loaded: &Loaded) -> Result<(), BenchError> {
-    let entry = match &args.model {
-        Some(id) => {
-            loaded.catalog.get(id).ok_or_else(|| BenchError::Engine(format!("model `{id}` is not in the catalog")))?
-        }
-        None => loaded.catalog.default_for(JobKind::Chat).ok_or(ConfigLoadError::NoDefault)?,
-    };
-    let path = fetch::resolve(entry, &loaded.models_dir)?;
+    let (entry, path) = fetched_model(loaded, args.model.as_deref(), JobKind::Chat)?;
     let mut engine = ChatEngine::load(&path, (args.prompt_tokens + args.gen_tokens as usize + 64).max(4096))
         .map_err(BenchError::Engine)?;
     engine.set_ignore_eos(true);
@@ -138,6 +126,21 @@ pub fn run(args: &BenchArgs, loaded: &Loaded) -> Result<(), BenchError> {
         peak_rss_mb()
     );
     Ok(())
+}
+
+/// The named catalog model (or the default of `kind`) and its fetched path.
+fn fetched_model<'a>(
+    loaded: &'a Loaded,
+    model: Option<&str>,
+    kind: JobKind,
+) -> Result<(&'a natter_shared::catalog::ModelEntry, std::path::PathBuf), BenchError> {
+    let entry = match model {
+        Some(id) => {
+            loaded.catalog.get(id).ok_or_else(|| BenchError::Engine(format!("model `{id}` is not in the catalog")))?
+        }
+        None => loaded.catalog.default_for(kind).ok_or(ConfigLoadError::NoDefault)?,
+    };
+    Ok((entry, fetch::resolve(entry, &loaded.models_dir)?))
 }
 
 /// A user message whose templated prompt is about `target` tokens long.

@@ -3,8 +3,7 @@
 # texts, windows and threads. Usage: scripts/bench-ner.sh [THREADS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CACHE="${NATTER_CACHE:-$HOME/.cache/natter}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/target}"
+source scripts/env.sh
 export NATTER_MODELS_DIR="${NATTER_MODELS_DIR:-$CACHE/models}"
 threads="${1:-2}"
 python3 -c "import onnxruntime, tokenizers" 2>/dev/null || python3 -m pip install -q onnxruntime tokenizers

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-CACHE="${NATTER_CACHE:-$HOME/.cache/natter}"
+source scripts/env.sh
 mkdir -p "$CACHE/bin"
 want_test=false
 [[ "${1:-}" == "--test" ]] && want_test=true

@@ -4,11 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-CACHE="${NATTER_CACHE:-$HOME/.cache/natter}"
-# Build outputs and models live outside the clone, so a fresh clone reuses them.
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/target}"
+source scripts/env.sh
+# The tests' models live outside the clone too.
 export NATTER_MODELS_DIR="${NATTER_MODELS_DIR:-$CACHE/models}"
-export PATH="$PATH:$CACHE/bin"
 
 scripts/install-deps.sh --test
 cargo build --workspace --bins

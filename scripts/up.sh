@@ -5,9 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-CACHE="${NATTER_CACHE:-$HOME/.cache/natter}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/target}"
-export PATH="$PATH:$CACHE/bin"
+source scripts/env.sh
 export NATTER_HTTP_ADDR="${NATTER_HTTP_ADDR:-127.0.0.1:8080}"
 
 scripts/install-deps.sh

@@ -34,9 +34,8 @@ fn failed_code(u: &ChatUpdate) -> ErrorCode {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_jobs_fail_clearly_and_the_worker_keeps_serving() {
     let stack = Stack::start(&[TINY_MODEL]).await;
-    let nats = &stack.nats;
-    let jobs = JobClient::connect(&nats.url(), &settings(30.0, 3)).await.unwrap();
-    let client = nats.connect().await;
+    let jobs = stack.job_client().await;
+    let client = stack.nats.connect().await;
     let js = async_nats::jetstream::new(client.clone());
     let greedy = SamplingParams { temperature: 0.0, max_tokens: 6, ..Default::default() };
 
@@ -106,8 +105,7 @@ async fn bad_jobs_fail_clearly_and_the_worker_keeps_serving() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_stops_a_running_job_within_a_step_and_drops_a_queued_one() {
     let stack = Stack::start(&[REAL_MODEL]).await;
-    let nats = &stack.nats;
-    let jobs = JobClient::connect(&nats.url(), &settings(30.0, 3)).await.unwrap();
+    let jobs = stack.job_client().await;
     let long = SamplingParams { temperature: 0.8, seed: 11, max_tokens: 2000, ..Default::default() };
     let running = chat_job(REAL_MODEL, "Write a very long story about a dragon and a knight.", long.clone());
     let queued = chat_job(REAL_MODEL, "Write a poem.", long);

@@ -47,12 +47,12 @@ impl JobClient {
     /// Publishes `job` to its work queue and waits for JetStream to store it.
     pub async fn submit(&self, job: &Job) -> Result<(), ClientError> {
         let payload = serde_json::to_vec(job).map_err(|e| ClientError::Submit(e.to_string()))?;
-        self.js
-            .publish(subjects::job(job.kind(), &job.model), payload.into())
-            .await
-            .map_err(|e| ClientError::Submit(e.to_string()))?
-            .await
-            .map_err(|e| ClientError::Submit(e.to_string()))?;
+        self.publish_stored(subjects::job(job.kind(), &job.model), payload.into()).await.map_err(ClientError::Submit)
+    }
+
+    /// Publishes to a JetStream subject and waits until the stream has stored it.
+    async fn publish_stored(&self, subject: String, payload: bytes::Bytes) -> Result<(), String> {
+        self.js.publish(subject, payload).await.map_err(|e| e.to_string())?.await.map_err(|e| e.to_string())?;
         Ok(())
     }
 
@@ -81,13 +81,7 @@ impl JobClient {
     /// Asks the worker running the job to stop; a job still queued is dropped when
     /// a worker fetches it (the cancel is kept in the NATTER_CANCEL stream).
     pub async fn cancel(&self, job_id: Uuid) -> Result<(), ClientError> {
-        self.js
-            .publish(subjects::cancel(job_id), "cancel".into())
-            .await
-            .map_err(|e| ClientError::Cancel(e.to_string()))?
-            .await
-            .map_err(|e| ClientError::Cancel(e.to_string()))?;
-        Ok(())
+        self.publish_stored(subjects::cancel(job_id), "cancel".into()).await.map_err(ClientError::Cancel)
     }
 
     /// Follows a chat job as [`ChatUpdate`]s, resolving attempts.

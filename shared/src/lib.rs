@@ -6,6 +6,7 @@
 //! ([`shutdown`]). No ML and no bot code lives here, so front-ends and workers can
 //! depend on it without pulling either in.
 
+pub mod blob;
 pub mod catalog;
 pub mod config;
 pub mod jetstream;

@@ -393,6 +393,10 @@ pub struct Metrics {
     pub prompt_tokens_per_s: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decode_tokens_per_s: Option<f64>,
+    /// Length of the input audio (speech-to-text); wall time over this is the
+    /// real-time factor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audio_seconds: Option<f64>,
     pub wall_ms: f64,
 }
 
@@ -493,6 +497,7 @@ mod tests {
                     time_to_first_token_ms: Some(12.5),
                     prompt_tokens_per_s: Some(800.0),
                     decode_tokens_per_s: Some(50.0),
+                    audio_seconds: None,
                     wall_ms: 60.0,
                 },
             },

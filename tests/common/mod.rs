@@ -79,6 +79,8 @@ impl InProcessWorker {
             models_dir: models_dir.to_path_buf(),
             serve: models.iter().map(|m| m.to_string()).collect(),
             max_context: 2048,
+            max_input_bytes: 100 << 20,
+            max_audio_seconds: 3600.0,
             drain: Duration::from_secs(5),
             name: name.to_string(),
         };

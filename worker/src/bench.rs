@@ -27,6 +27,31 @@ pub struct BenchArgs {
 }
 
 #[derive(Args, Clone, Debug)]
+pub struct BenchAsrArgs {
+    /// Audio files (any format the worker decodes).
+    #[arg(required = true)]
+    pub files: Vec<std::path::PathBuf>,
+    /// Catalog id (default: the default speech-to-text model).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Inference threads (0 = one per core).
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// Language hint (ISO code); detected when absent.
+    #[arg(long)]
+    pub language: Option<String>,
+    /// Translate to English instead of transcribing.
+    #[arg(long)]
+    pub translate: bool,
+    /// Measured repetitions per file (after one warm-up run of the first file).
+    #[arg(long, default_value_t = 1)]
+    pub runs: usize,
+    /// Print each segment as it is decoded.
+    #[arg(long)]
+    pub segments: bool,
+}
+
+#[derive(Args, Clone, Debug)]
 pub struct BenchNerArgs {
     /// Catalog id (default: the default NER model).
     #[arg(long)]
@@ -172,4 +197,62 @@ fn peak_rss_mb() -> f64 {
             s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         })
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Transcribes files and prints the real-time factor (processing time over audio
+/// duration) of each, with its transcript.
+pub fn run_asr(args: &BenchAsrArgs, loaded: &Loaded) -> Result<(), BenchError> {
+    use crate::asr::{transcribe::Request, AsrEngine, CLI_MAX_SECONDS};
+    let (entry, path) = fetched_model(loaded, args.model.as_deref(), JobKind::Asr)?;
+    let engine = AsrEngine::load(&path, CLI_MAX_SECONDS).map_err(BenchError::Engine)?;
+    let task = if args.translate { natter_shared::proto::AsrTask::Translate } else { Default::default() };
+    let request = Request { task, language: args.language.as_deref() };
+    let transcribe = |file: &std::path::Path, show: bool| -> Result<_, BenchError> {
+        let data = std::fs::read(file).map_err(|e| BenchError::Engine(format!("{}: {e}", file.display())))?;
+        let started = std::time::Instant::now();
+        let print = |s: &natter_shared::proto::Segment| {
+            if show {
+                eprintln!("[{:>7.2} -> {:>7.2}] {}", s.start, s.end, s.text.trim());
+            }
+        };
+        let (transcript, seconds) = engine
+            .transcribe(&data, None, &request, print, || false)
+            .map_err(|e| BenchError::Engine(format!("{}: {e}", file.display())))?;
+        Ok((transcript, seconds, started.elapsed().as_secs_f64()))
+    };
+    transcribe(&args.files[0], false)?;
+    println!(
+        "model {} ({}), {} threads, best of {} runs after one warm-up",
+        entry.id,
+        path.display(),
+        args.threads,
+        args.runs
+    );
+    println!("| file | audio s | wall s | real-time factor | language | transcript |");
+    println!("|---|---:|---:|---:|---|---|");
+    for file in &args.files {
+        let mut best: Option<(crate::asr::transcribe::Transcript, f64, f64)> = None;
+        for run in 0..args.runs.max(1) {
+            let outcome = transcribe(file, args.segments && run == 0)?;
+            if best.as_ref().is_none_or(|b| outcome.2 < b.2) {
+                best = Some(outcome);
+            }
+        }
+        let (transcript, seconds, wall) = best.expect("at least one run");
+        let mut text = transcript.text.replace('|', "/");
+        if text.chars().count() > 80 {
+            text = text.chars().take(77).collect::<String>() + "...";
+        }
+        println!(
+            "| {} | {:.1} | {:.2} | {:.3} | {} | {} |",
+            file.file_name().unwrap_or_default().to_string_lossy(),
+            seconds,
+            wall,
+            wall / seconds,
+            transcript.language.as_deref().unwrap_or("-"),
+            text
+        );
+    }
+    println!("peak RSS {:.0} MB", peak_rss_mb());
+    Ok(())
 }

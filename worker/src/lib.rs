@@ -5,6 +5,7 @@
 //! worker with the NATS service API, and serves until `shutdown` resolves, then
 //! drains.
 
+pub mod asr;
 pub mod bench;
 pub mod chat;
 pub mod config;
@@ -16,6 +17,7 @@ mod service;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 
+use crate::asr::AsrEngine;
 use crate::chat::ChatEngine;
 use crate::engine::EngineHandle;
 use crate::ner::NerEngine;
@@ -47,7 +49,7 @@ pub enum WorkerError {
 }
 
 /// The job kinds this worker has engines for.
-pub const SERVED_KINDS: [JobKind; 2] = [JobKind::Chat, JobKind::Ner];
+pub const SERVED_KINDS: [JobKind; 3] = [JobKind::Chat, JobKind::Ner, JobKind::Asr];
 
 /// Everything [`run`] needs, already resolved from flags, env and natter.toml.
 #[derive(Clone, Debug)]
@@ -60,6 +62,10 @@ pub struct WorkerConfig {
     pub serve: Vec<String>,
     /// Longest prompt + answer for chat jobs.
     pub max_context: usize,
+    /// Largest input file a job may carry.
+    pub max_input_bytes: u64,
+    /// Longest audio a speech-to-text job may carry.
+    pub max_audio_seconds: f64,
     /// How long SIGTERM waits for running jobs before handing them back.
     pub drain: Duration,
     /// Shown in `accepted` events and the service API.
@@ -84,6 +90,10 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> Re
         let engine = match entry.kind {
             JobKind::Chat => EngineHandle::spawn(id, move || ChatEngine::load(&path, max_context)).await,
             JobKind::Ner => EngineHandle::spawn(id, move || NerEngine::load(&path)).await,
+            JobKind::Asr => {
+                let max_seconds = config.max_audio_seconds;
+                EngineHandle::spawn(id, move || AsrEngine::load(&path, max_seconds)).await
+            }
             kind => return Err(WorkerError::NoEngine { id: id.clone(), kind }),
         }
         .map_err(|source| WorkerError::Load { id: id.clone(), source })?;
@@ -94,6 +104,8 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> Re
     let shared = Arc::new(runner::Shared::new(
         js.clone(),
         streams.cancels.clone(),
+        streams.blobs.clone(),
+        config.max_input_bytes,
         config.jetstream.clone(),
         config.name.clone(),
         config.drain,

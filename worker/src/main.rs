@@ -30,6 +30,8 @@ enum Command {
     Bench(natter_worker::bench::BenchArgs),
     /// Measure NER latency and texts/s for inputs of several lengths.
     BenchNer(natter_worker::bench::BenchNerArgs),
+    /// Transcribe audio files; prints each one's real-time factor and transcript.
+    BenchAsr(natter_worker::bench::BenchAsrArgs),
 }
 
 #[derive(Subcommand)]
@@ -89,6 +91,11 @@ fn main() -> anyhow::Result<()> {
         Some(Command::BenchNer(args)) => {
             set_threads(args.threads);
             natter_worker::bench::run_ner(&args, &loaded)?;
+            Ok(())
+        }
+        Some(Command::BenchAsr(args)) => {
+            set_threads(args.threads);
+            natter_worker::bench::run_asr(&args, &loaded)?;
             Ok(())
         }
         Some(Command::Bench(args)) => {

@@ -8,10 +8,12 @@
 //! is free, so a busy worker never sits on jobs another worker could run.
 
 use crate::engine::{CancelFlag, CancelReason, EngineError, EngineHandle, JobContext};
+use async_nats::jetstream::object_store::ObjectStore;
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
 use futures::StreamExt;
+use natter_shared::blob::BlobError;
 use natter_shared::jetstream::JetStreamSettings;
-use natter_shared::proto::{ErrorCode, Event, EventBody, Job, V1};
+use natter_shared::proto::{Blob, ErrorCode, Event, EventBody, Job, JobInput, V1};
 use natter_shared::subjects;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -27,6 +29,9 @@ use uuid::Uuid;
 pub struct Shared {
     pub js: jetstream::Context,
     pub cancels: jetstream::stream::Stream,
+    /// Where inputs above the inline limit wait.
+    pub blobs: ObjectStore,
+    pub max_input_bytes: u64,
     pub settings: JetStreamSettings,
     pub worker: String,
     pub drain: Duration,
@@ -38,11 +43,23 @@ impl Shared {
     pub fn new(
         js: jetstream::Context,
         cancels: jetstream::stream::Stream,
+        blobs: ObjectStore,
+        max_input_bytes: u64,
         settings: JetStreamSettings,
         worker: String,
         drain: Duration,
     ) -> Self {
-        Shared { js, cancels, settings, worker, drain, running: Mutex::default(), busy: AtomicUsize::new(0) }
+        Shared {
+            js,
+            cancels,
+            blobs,
+            max_input_bytes,
+            settings,
+            worker,
+            drain,
+            running: Mutex::default(),
+            busy: AtomicUsize::new(0),
+        }
     }
 
     /// Jobs running on this worker right now (reported as load).
@@ -195,6 +212,24 @@ async fn ack(msg: &jetstream::Message, kind: AckKind) {
     }
 }
 
+/// Replaces a stored input with its bytes (checked against the size limit and
+/// the sender's hash), so engines only ever see inline data.
+async fn resolve_blobs(shared: &Shared, mut job: Job) -> Result<Job, (ErrorCode, String)> {
+    let blob = match &mut job.input {
+        JobInput::Ocr(input) => &mut input.image,
+        JobInput::Asr(input) => &mut input.audio,
+        JobInput::Chat(_) | JobInput::Ner(_) => return Ok(job),
+    };
+    match natter_shared::blob::get(&shared.blobs, blob, shared.max_input_bytes).await {
+        Ok((data, content_type)) => {
+            *blob = Blob::Inline { content_type, data };
+            Ok(job)
+        }
+        Err(e @ BlobError::TooLarge { .. }) => Err((ErrorCode::TooLarge, e.to_string())),
+        Err(e) => Err((ErrorCode::BadInput, e.to_string())),
+    }
+}
+
 async fn handle(shared: &Shared, engine: &EngineHandle, model: &str, msg: jetstream::Message) {
     let attempt = msg.info().map(|i| i.delivered as u32).unwrap_or(1);
     let job: Job = match serde_json::from_slice(&msg.payload) {
@@ -241,6 +276,14 @@ async fn handle(shared: &Shared, engine: &EngineHandle, model: &str, msg: jetstr
         events.publish(EventBody::Cancelled).await;
         return ack(&msg, AckKind::Ack).await;
     }
+
+    let job = match resolve_blobs(shared, job).await {
+        Ok(job) => job,
+        Err((code, message)) => {
+            events.fail(code, message).await;
+            return ack(&msg, AckKind::Ack).await;
+        }
+    };
 
     tracing::info!(job = %job.id, attempt, "running");
     events.publish(EventBody::Accepted { worker: shared.worker.clone(), model: model.to_string() }).await;

@@ -204,6 +204,7 @@ impl ChatEngine {
             time_to_first_token_ms: first_token_at.map(|t| (t - started).as_secs_f64() * 1e3),
             prompt_tokens_per_s: (prompt_secs > 0.0).then(|| prompt_len as f64 / prompt_secs),
             decode_tokens_per_s: (decode_secs > 0.0 && completion > 0).then(|| completion as f64 / decode_secs),
+            audio_seconds: None,
             wall_ms: (done - started).as_secs_f64() * 1e3,
         };
         Ok(Completed { result: JobResult::Chat { text, finish_reason: finish }, metrics })

@@ -192,6 +192,7 @@ impl Engine for NerEngine {
             time_to_first_token_ms: None,
             prompt_tokens_per_s: (secs > 0.0).then(|| tokens as f64 / secs),
             decode_tokens_per_s: None,
+            audio_seconds: None,
             wall_ms: secs * 1e3,
         };
         Ok(Completed { result: JobResult::Ner { entities }, metrics })

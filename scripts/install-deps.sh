@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what natter needs on a fresh Debian machine, skipping what is there.
-#   scripts/install-deps.sh          nats-server (to run natter)
-#   scripts/install-deps.sh --test   plus Chromium, playwright-core (dashboard tests) and
-#                                    the openai Python client (API compatibility test)
+#   scripts/install-deps.sh          nats-server and libopus (to build and run natter)
+#   scripts/install-deps.sh --test   plus Chromium, playwright-core (dashboard tests),
+#                                    the openai Python client (API compatibility test),
+#                                    espeak-ng and ffmpeg (speech test audio)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,7 +39,17 @@ PY
   fi
 fi
 
+# libopus decodes Opus voice notes; the worker links it through pkg-config.
+if ! pkg-config --exists opus 2>/dev/null; then
+  echo "installing libopus"
+  apt_install libopus-dev pkg-config
+fi
+
 if $want_test; then
+  if ! command -v espeak-ng >/dev/null || ! command -v ffmpeg >/dev/null; then
+    echo "installing espeak-ng and ffmpeg"
+    apt_install espeak-ng ffmpeg
+  fi
   if [[ ! -x /usr/bin/chromium ]]; then
     echo "installing chromium"
     apt_install chromium

@@ -179,3 +179,139 @@ pub fn write_tiny_bert(dir: &Path, forced_label: usize) {
     t.insert("classifier.bias".to_string(), Tensor::new(bias, &Device::Cpu).unwrap());
     candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
 }
+
+/// Shape of the tiny Whisper checkpoint [`write_tiny_whisper_ct2`] writes.
+pub const TINY_WHISPER_TEXT_POSITIONS: usize = 64;
+
+/// Writes a two-layer Whisper in CTranslate2's `model.bin` format (random weights,
+/// fixed seed; fused attention projections as faster-whisper ships them), its
+/// CTranslate2 `config.json`, and a byte-level `tokenizer.json` with Whisper's
+/// special tokens, English and German language tokens, and the 1,501 timestamps.
+/// `natter-worker models fetch` converts such a directory before loading it.
+pub fn write_tiny_whisper_ct2(dir: &Path) {
+    let (d, heads, layers, mels, audio_positions) = (16usize, 2i16, 2usize, 80usize, 1500usize);
+    let mut vocab: Vec<String> = byte_chars().into_iter().map(String::from).collect();
+    let specials = [
+        "<|endoftext|>",
+        "<|startoftranscript|>",
+        "<|en|>",
+        "<|de|>",
+        "<|translate|>",
+        "<|transcribe|>",
+        "<|startoflm|>",
+        "<|startofprev|>",
+        "<|nospeech|>",
+        "<|notimestamps|>",
+    ];
+    let first_special = vocab.len();
+    vocab.extend(specials.iter().map(|s| s.to_string()));
+    let vocab_size = vocab.len() + 1501;
+    let added: Vec<serde_json::Value> = specials
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            serde_json::json!({"id": first_special + i, "content": s, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    let byte_vocab: serde_json::Map<String, serde_json::Value> =
+        vocab[..first_special].iter().enumerate().map(|(i, t)| (t.clone(), serde_json::json!(i))).collect();
+    let tokenizer = serde_json::json!({
+        "version": "1.0",
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "vocab": byte_vocab, "merges": [], "dropout": null, "unk_token": null,
+            "continuing_subword_prefix": "", "end_of_word_suffix": "", "fuse_unk": false},
+    });
+    std::fs::write(dir.join("tokenizer.json"), serde_json::to_vec(&tokenizer).unwrap()).unwrap();
+    let config = serde_json::json!({
+        "suppress_ids": [1, 2],
+        "suppress_ids_begin": [first_special],
+        "lang_ids": [first_special + 2, first_special + 3],
+    });
+    std::fs::write(dir.join("config.json"), serde_json::to_vec(&config).unwrap()).unwrap();
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut variables: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    let mut add = |name: &str, shape: &[usize], scale: f32| {
+        let n = shape.iter().product();
+        let values = (0..n).map(|_| (rng.random::<f32>() - 0.5) * 2.0 * scale).collect();
+        variables.push((name.to_string(), shape.to_vec(), values));
+    };
+    let norm = |add: &mut dyn FnMut(&str, &[usize], f32), name: &str| {
+        add(&format!("{name}/gamma"), &[d], 1.0);
+        add(&format!("{name}/beta"), &[d], 0.1);
+    };
+    let linear = |add: &mut dyn FnMut(&str, &[usize], f32), name: &str, out: usize, inp: usize| {
+        add(&format!("{name}/weight"), &[out, inp], 0.3);
+        add(&format!("{name}/bias"), &[out], 0.1);
+    };
+    add("encoder/conv1/weight", &[d, mels, 3], 0.1);
+    add("encoder/conv1/bias", &[d], 0.1);
+    add("encoder/conv2/weight", &[d, d, 3], 0.1);
+    add("encoder/conv2/bias", &[d], 0.1);
+    add("encoder/position_encodings/encodings", &[audio_positions, d], 1.0);
+    for i in 0..layers {
+        let p = format!("encoder/layer_{i}");
+        norm(&mut add, &format!("{p}/self_attention/layer_norm"));
+        linear(&mut add, &format!("{p}/self_attention/linear_0"), 3 * d, d);
+        linear(&mut add, &format!("{p}/self_attention/linear_1"), d, d);
+        norm(&mut add, &format!("{p}/ffn/layer_norm"));
+        linear(&mut add, &format!("{p}/ffn/linear_0"), 4 * d, d);
+        linear(&mut add, &format!("{p}/ffn/linear_1"), d, 4 * d);
+    }
+    norm(&mut add, "encoder/layer_norm");
+    add("decoder/embeddings/weight", &[vocab_size, d], 1.0);
+    add("decoder/position_encodings/encodings", &[TINY_WHISPER_TEXT_POSITIONS, d], 1.0);
+    for i in 0..layers {
+        let p = format!("decoder/layer_{i}");
+        norm(&mut add, &format!("{p}/self_attention/layer_norm"));
+        linear(&mut add, &format!("{p}/self_attention/linear_0"), 3 * d, d);
+        linear(&mut add, &format!("{p}/self_attention/linear_1"), d, d);
+        norm(&mut add, &format!("{p}/attention/layer_norm"));
+        linear(&mut add, &format!("{p}/attention/linear_0"), d, d);
+        linear(&mut add, &format!("{p}/attention/linear_1"), 2 * d, d);
+        linear(&mut add, &format!("{p}/attention/linear_2"), d, d);
+        norm(&mut add, &format!("{p}/ffn/layer_norm"));
+        linear(&mut add, &format!("{p}/ffn/linear_0"), 4 * d, d);
+        linear(&mut add, &format!("{p}/ffn/linear_1"), d, 4 * d);
+    }
+    norm(&mut add, "decoder/layer_norm");
+
+    let mut out = Vec::new();
+    let string = |out: &mut Vec<u8>, s: &str| {
+        out.extend_from_slice(&((s.len() + 1) as u16).to_le_bytes());
+        out.extend_from_slice(s.as_bytes());
+        out.push(0);
+    };
+    out.extend_from_slice(&6u32.to_le_bytes());
+    string(&mut out, "WhisperSpec");
+    out.extend_from_slice(&3u32.to_le_bytes());
+    out.extend_from_slice(&(variables.len() as u32 + 2).to_le_bytes());
+    for (name, shape, values) in &variables {
+        string(&mut out, name);
+        out.push(shape.len() as u8);
+        for dim in shape {
+            out.extend_from_slice(&(*dim as u32).to_le_bytes());
+        }
+        out.push(0); // float32
+        out.extend_from_slice(&((values.len() * 4) as u32).to_le_bytes());
+        for v in values {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    for stack in ["encoder", "decoder"] {
+        string(&mut out, &format!("{stack}/num_heads"));
+        out.push(0);
+        out.push(2); // int16
+        out.extend_from_slice(&2u32.to_le_bytes());
+        out.extend_from_slice(&heads.to_le_bytes());
+    }
+    out.extend_from_slice(&1u32.to_le_bytes());
+    string(&mut out, "decoder/projection/weight");
+    string(&mut out, "decoder/embeddings/weight");
+    std::fs::write(dir.join("model.bin"), out).unwrap();
+}

@@ -285,3 +285,53 @@ pub fn convert_dir(dir: &Path) -> Result<(), Ct2Error> {
     // The weights land last: their presence marks a finished conversion.
     std::fs::rename(&tmp, &out).map_err(|e| io(&out, e))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::{write_tiny_whisper_ct2, TINY_WHISPER_TEXT_POSITIONS};
+
+    #[test]
+    fn conversion_splits_fused_projections_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny_whisper_ct2(dir.path());
+        let model = Ct2Model::parse(&std::fs::read(dir.path().join("model.bin")).unwrap()).unwrap();
+        let config = serde_json::json!({"suppress_ids": [1, 2], "suppress_ids_begin": [256]});
+        let (tensors, hf) = to_hf(&model, &config).unwrap();
+        assert_eq!(hf["d_model"], 16);
+        assert_eq!(hf["encoder_layers"], 2);
+        assert_eq!(hf["decoder_attention_heads"], 2);
+        assert_eq!(hf["max_target_positions"], TINY_WHISPER_TEXT_POSITIONS);
+        assert_eq!(hf["suppress_tokens"], serde_json::json!([1, 2]));
+
+        let f32_rows = |t: &Tensor| -> Vec<Vec<f32>> { t.to_dtype(DType::F32).unwrap().to_vec2().unwrap() };
+        let f16_rows = |t: Tensor| f32_rows(&t.to_dtype(DType::F16).unwrap());
+        let fused = model.get("decoder/layer_1/self_attention/linear_0/weight").unwrap();
+        let fused_bias: Vec<f32> =
+            model.get("decoder/layer_1/self_attention/linear_0/bias").unwrap().to_vec1().unwrap();
+        for (i, name) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
+            let split = &tensors[&format!("model.decoder.layers.1.self_attn.{name}.weight")];
+            assert_eq!(f32_rows(split), f16_rows(fused.narrow(0, i * 16, 16).unwrap()), "{name}");
+        }
+        assert!(!tensors.contains_key("model.decoder.layers.1.self_attn.k_proj.bias"));
+        let v_bias: Vec<f32> =
+            tensors["model.decoder.layers.1.self_attn.v_proj.bias"].to_dtype(DType::F32).unwrap().to_vec1().unwrap();
+        let expected: Vec<f32> = Tensor::new(&fused_bias[32..48], &Device::Cpu)
+            .and_then(|t| t.to_dtype(DType::F16)?.to_dtype(DType::F32)?.to_vec1())
+            .unwrap();
+        assert_eq!(v_bias, expected);
+        let cross = model.get("decoder/layer_0/attention/linear_1/weight").unwrap();
+        let cross_v = &tensors["model.decoder.layers.0.encoder_attn.v_proj.weight"];
+        assert_eq!(f32_rows(cross_v), f16_rows(cross.narrow(0, 16, 16).unwrap()));
+    }
+
+    #[test]
+    fn refuses_files_that_are_not_ctranslate2_models() {
+        assert!(matches!(Ct2Model::parse(b"GGUF\x03\x00\x00\x00"), Err(Ct2Error::Format(_))));
+        let mut truncated = Vec::new();
+        truncated.extend_from_slice(&6u32.to_le_bytes());
+        truncated.extend_from_slice(&12u16.to_le_bytes());
+        truncated.extend_from_slice(b"WhisperS");
+        assert!(matches!(Ct2Model::parse(&truncated), Err(Ct2Error::Format(_))));
+    }
+}

@@ -125,3 +125,103 @@ impl Engine for AsrEngine {
         Ok(Completed { result, metrics })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::write_tiny_whisper_ct2;
+    use natter_shared::proto::AsrTask;
+
+    fn tiny_engine() -> (tempfile::TempDir, AsrEngine) {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny_whisper_ct2(dir.path());
+        ct2::convert_dir(dir.path()).unwrap();
+        let engine = AsrEngine::load(dir.path(), 600.0).unwrap();
+        (dir, engine)
+    }
+
+    /// 16-bit mono WAV of a chirp with pauses, `seconds` long.
+    fn wav(seconds: f32) -> Vec<u8> {
+        let rate = 22_050u32;
+        let samples: Vec<i16> = (0..(seconds * rate as f32) as usize)
+            .map(|i| {
+                let t = i as f32 / rate as f32;
+                let on = (t % 3.0) < 2.0;
+                if on {
+                    ((2.0 * std::f32::consts::PI * (200.0 + 100.0 * t) * t).sin() * 12_000.0) as i16
+                } else {
+                    0
+                }
+            })
+            .collect();
+        let mut out = Vec::new();
+        let data_len = (samples.len() * 2) as u32;
+        for chunk in [&b"RIFF"[..], &(36 + data_len).to_le_bytes(), b"WAVEfmt ", &16u32.to_le_bytes()] {
+            out.extend_from_slice(chunk);
+        }
+        out.extend_from_slice(&1u16.to_le_bytes());
+        out.extend_from_slice(&1u16.to_le_bytes());
+        out.extend_from_slice(&rate.to_le_bytes());
+        out.extend_from_slice(&(rate * 2).to_le_bytes());
+        out.extend_from_slice(&2u16.to_le_bytes());
+        out.extend_from_slice(&16u16.to_le_bytes());
+        out.extend_from_slice(b"data");
+        out.extend_from_slice(&data_len.to_le_bytes());
+        out.extend(samples.iter().flat_map(|s| s.to_le_bytes()));
+        out
+    }
+
+    #[test]
+    fn tiny_model_transcribes_long_audio_window_by_window() {
+        let (_dir, engine) = tiny_engine();
+        let mut streamed = Vec::new();
+        let request = Request { task: AsrTask::Transcribe, language: None };
+        let (transcript, seconds) =
+            engine.transcribe(&wav(40.0), Some("audio/wav"), &request, |s| streamed.push(s.clone()), || false).unwrap();
+        assert!((seconds - 40.0).abs() < 0.01);
+        let language = transcript.language.as_deref().unwrap();
+        assert!(language == "en" || language == "de", "{language}");
+        assert_eq!(streamed, transcript.segments);
+        for pair in transcript.segments.windows(2) {
+            assert!(pair[0].start <= pair[1].start, "segments out of order: {pair:?}");
+        }
+        for s in &transcript.segments {
+            assert!(0.0 <= s.start && s.start <= s.end && s.end <= 40.0, "{s:?}");
+        }
+        assert!(transcript.tokens > 0);
+    }
+
+    #[test]
+    fn hints_are_checked_and_cancellation_stops_the_job() {
+        let (_dir, engine) = tiny_engine();
+        let audio = wav(5.0);
+        let request = Request { task: AsrTask::Translate, language: Some("xx") };
+        let err = engine.transcribe(&audio, None, &request, |_| {}, || false).unwrap_err();
+        assert!(matches!(err, AsrError::Transcribe(TranscribeError::UnknownLanguage(_))), "{err}");
+        let request = Request { task: AsrTask::Transcribe, language: Some("de") };
+        let (transcript, _) = engine.transcribe(&audio, None, &request, |_| {}, || false).unwrap();
+        assert_eq!(transcript.language.as_deref(), Some("de"));
+        let err = engine.transcribe(&audio, None, &request, |_| {}, || true).unwrap_err();
+        assert!(matches!(err, AsrError::Transcribe(TranscribeError::Cancelled)));
+    }
+
+    #[test]
+    fn digital_silence_gives_an_empty_transcript() {
+        let (_dir, engine) = tiny_engine();
+        let silence = {
+            let mut w = wav(0.0);
+            let n = 22_050 * 20;
+            let len = (n * 2) as u32;
+            w.truncate(40);
+            w.extend_from_slice(&len.to_le_bytes());
+            w.extend(std::iter::repeat_n(0u8, n * 2));
+            w[4..8].copy_from_slice(&(36 + len).to_le_bytes());
+            w
+        };
+        let request = Request { task: AsrTask::Transcribe, language: None };
+        let (transcript, seconds) = engine.transcribe(&silence, None, &request, |_| {}, || false).unwrap();
+        assert!(seconds > 19.0);
+        assert_eq!(transcript.text, "");
+        assert!(transcript.segments.is_empty());
+    }
+}

@@ -67,9 +67,9 @@ impl Specials {
         let start_of_prev = id("<|startofprev|>")?;
         let no_speech = id("<|nospeech|>").or_else(|_| id("<|nocaptions|>"))?;
         let no_timestamps = id("<|notimestamps|>")?;
-        // English-only checkpoints have a vocabulary one token shorter and were
-        // trained without language and task tokens.
-        let multilingual = model.config.vocab_size >= 51_865;
+        // English-only checkpoints (exactly 51,864 tokens) were trained without
+        // language and task tokens, though their vocabulary lists them.
+        let multilingual = model.config.vocab_size != 51_864;
         let languages = if multilingual {
             (sot + 1..translate)
                 .filter_map(|token| {
@@ -113,6 +113,7 @@ pub struct Request<'a> {
     pub language: Option<&'a str>,
 }
 
+#[derive(Debug)]
 pub struct Transcript {
     pub text: String,
     pub language: Option<String>,

@@ -1,9 +1,11 @@
 //! The job client every front-end uses: submit a job, follow its events, cancel it.
 
+use async_nats::jetstream::object_store::ObjectStore;
 use async_nats::jetstream::{self, consumer, stream};
 use futures::{Stream, StreamExt};
+use natter_shared::blob::BlobError;
 use natter_shared::jetstream::{ensure_streams, JetStreamSettings};
-use natter_shared::proto::{ErrorCode, Event, EventBody, FinishReason, Job, JobResult, Metrics};
+use natter_shared::proto::{Blob, ErrorCode, Event, EventBody, FinishReason, Job, JobResult, Metrics, Segment};
 use natter_shared::subjects;
 use uuid::Uuid;
 
@@ -19,6 +21,8 @@ pub enum ClientError {
     Events(String),
     #[error("cannot cancel the job: {0}")]
     Cancel(String),
+    #[error(transparent)]
+    Blob(#[from] BlobError),
 }
 
 #[derive(Clone)]
@@ -26,6 +30,8 @@ pub struct JobClient {
     client: async_nats::Client,
     js: jetstream::Context,
     events: stream::Stream,
+    /// Where inputs too large to travel inside a job message go.
+    blobs: ObjectStore,
 }
 
 impl JobClient {
@@ -37,7 +43,7 @@ impl JobClient {
             .map_err(|source| ClientError::Connect { url: url.into(), source })?;
         let js = jetstream::new(client.clone());
         let streams = ensure_streams(&js, settings).await?;
-        Ok(JobClient { client, js, events: streams.events })
+        Ok(JobClient { client, js, events: streams.events, blobs: streams.blobs })
     }
 
     pub fn nats(&self) -> &async_nats::Client {
@@ -48,6 +54,12 @@ impl JobClient {
     pub async fn submit(&self, job: &Job) -> Result<(), ClientError> {
         let payload = serde_json::to_vec(job).map_err(|e| ClientError::Submit(e.to_string()))?;
         self.publish_stored(subjects::job(job.kind(), &job.model), payload.into()).await.map_err(ClientError::Submit)
+    }
+
+    /// Wraps a binary input (audio, an image) for a job: inline when small,
+    /// otherwise stored in the blob bucket, which expires with the jobs.
+    pub async fn put_blob(&self, data: Vec<u8>, content_type: &str) -> Result<Blob, ClientError> {
+        Ok(natter_shared::blob::put(&self.blobs, data, content_type).await?)
     }
 
     /// Publishes to a JetStream subject and waits until the stream has stored it.
@@ -89,9 +101,25 @@ impl JobClient {
         &self,
         job_id: Uuid,
     ) -> Result<impl Stream<Item = ChatUpdate> + Send + 'static, ClientError> {
+        self.updates(job_id).await
+    }
+
+    /// Follows a speech-to-text job as [`AsrUpdate`]s, resolving attempts.
+    pub async fn asr_updates(
+        &self,
+        job_id: Uuid,
+    ) -> Result<impl Stream<Item = AsrUpdate> + Send + 'static, ClientError> {
+        self.updates(job_id).await
+    }
+
+    /// A job's events as updates of one kind, ending right after the first
+    /// terminal update (so a caller's loop ends with the job).
+    async fn updates<U: JobUpdate + Send + 'static>(
+        &self,
+        job_id: Uuid,
+    ) -> Result<impl Stream<Item = U> + Send + 'static, ClientError> {
         let events = Box::pin(self.events(job_id).await?);
-        let state = (events, AttemptTracker::default(), std::collections::VecDeque::<ChatUpdate>::new(), false);
-        // Ends right after the first terminal update.
+        let state = (events, AttemptTracker::<U>::default(), std::collections::VecDeque::<U>::new(), false);
         Ok(futures::stream::unfold(state, |(mut events, mut tracker, mut pending, mut ended)| async move {
             loop {
                 if let Some(update) = pending.pop_front() {
@@ -106,9 +134,7 @@ impl JobClient {
                 }
                 match events.next().await {
                     Some(Ok(event)) => pending.extend(tracker.apply(event)),
-                    Some(Err(e)) => {
-                        pending.push_back(ChatUpdate::Failed { code: ErrorCode::Internal, message: e.to_string() })
-                    }
+                    Some(Err(e)) => pending.push_back(U::failed(ErrorCode::Internal, e.to_string())),
                     None => return None,
                 }
             }
@@ -147,6 +173,26 @@ impl JobClient {
     }
 }
 
+/// One job kind's progress as a front-end needs it; [`AttemptTracker`] builds
+/// these from raw events, so every kind resolves attempts the same way.
+pub trait JobUpdate: Sized {
+    /// The update an event of the current attempt becomes; `None` for events
+    /// this kind does not show.
+    fn from_event(attempt: u32, body: EventBody) -> Option<Self>;
+    /// A newer attempt began after partial output was shown: drop that output.
+    fn restart(attempt: u32) -> Self;
+    fn failed(code: ErrorCode, message: String) -> Self;
+    /// Whether this update shows partial output that a newer attempt retracts.
+    fn is_partial(&self) -> bool;
+    fn is_terminal(&self) -> bool;
+}
+
+/// A `done` whose result is of another kind than the job's: a worker bug, told
+/// to the user as an internal failure rather than misread.
+fn wrong_kind<U: JobUpdate>() -> U {
+    U::failed(ErrorCode::Internal, "the worker returned a result of another kind".into())
+}
+
 /// A chat job's progress as a front-end needs it.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ChatUpdate {
@@ -173,51 +219,128 @@ pub enum ChatUpdate {
     Cancelled,
 }
 
-impl ChatUpdate {
-    pub fn is_terminal(&self) -> bool {
+impl JobUpdate for ChatUpdate {
+    fn from_event(attempt: u32, body: EventBody) -> Option<Self> {
+        Some(match body {
+            EventBody::Accepted { worker, model } => ChatUpdate::Accepted { worker, model, attempt },
+            EventBody::Token { text } => ChatUpdate::Delta(text),
+            EventBody::Done { result: JobResult::Chat { text, finish_reason }, metrics } => {
+                ChatUpdate::Done { text, finish_reason, metrics }
+            }
+            EventBody::Done { .. } => wrong_kind(),
+            EventBody::Failed { code, message } => ChatUpdate::Failed { code, message },
+            EventBody::Cancelled => ChatUpdate::Cancelled,
+            EventBody::Segment { .. } | EventBody::Progress { .. } => return None,
+        })
+    }
+
+    fn restart(attempt: u32) -> Self {
+        ChatUpdate::Restart { attempt }
+    }
+
+    fn failed(code: ErrorCode, message: String) -> Self {
+        ChatUpdate::Failed { code, message }
+    }
+
+    fn is_partial(&self) -> bool {
+        matches!(self, ChatUpdate::Delta(_))
+    }
+
+    fn is_terminal(&self) -> bool {
         matches!(self, ChatUpdate::Done { .. } | ChatUpdate::Failed { .. } | ChatUpdate::Cancelled)
     }
 }
 
-/// Turns raw events into updates: events of an attempt older than the newest seen
-/// are stale; the first event of a newer attempt restarts the answer.
-#[derive(Default)]
-pub struct AttemptTracker {
-    attempt: u32,
-    has_text: bool,
+/// A speech-to-text job's progress as a front-end needs it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AsrUpdate {
+    Accepted {
+        worker: String,
+        model: String,
+        attempt: u32,
+    },
+    /// The next piece of the transcript, as the worker decodes it.
+    Segment(Segment),
+    /// A new attempt started after a worker died: drop the segments so far.
+    Restart {
+        attempt: u32,
+    },
+    Done {
+        text: String,
+        language: Option<String>,
+        segments: Vec<Segment>,
+        metrics: Metrics,
+    },
+    Failed {
+        code: ErrorCode,
+        message: String,
+    },
+    Cancelled,
 }
 
-impl AttemptTracker {
-    pub fn apply(&mut self, event: Event) -> Vec<ChatUpdate> {
+impl JobUpdate for AsrUpdate {
+    fn from_event(attempt: u32, body: EventBody) -> Option<Self> {
+        Some(match body {
+            EventBody::Accepted { worker, model } => AsrUpdate::Accepted { worker, model, attempt },
+            EventBody::Segment { segment } => AsrUpdate::Segment(segment),
+            EventBody::Done { result: JobResult::Asr { text, language, segments }, metrics } => {
+                AsrUpdate::Done { text, language, segments, metrics }
+            }
+            EventBody::Done { .. } => wrong_kind(),
+            EventBody::Failed { code, message } => AsrUpdate::Failed { code, message },
+            EventBody::Cancelled => AsrUpdate::Cancelled,
+            EventBody::Token { .. } | EventBody::Progress { .. } => return None,
+        })
+    }
+
+    fn restart(attempt: u32) -> Self {
+        AsrUpdate::Restart { attempt }
+    }
+
+    fn failed(code: ErrorCode, message: String) -> Self {
+        AsrUpdate::Failed { code, message }
+    }
+
+    fn is_partial(&self) -> bool {
+        matches!(self, AsrUpdate::Segment(_))
+    }
+
+    fn is_terminal(&self) -> bool {
+        matches!(self, AsrUpdate::Done { .. } | AsrUpdate::Failed { .. } | AsrUpdate::Cancelled)
+    }
+}
+
+/// Turns raw events into updates: events of an attempt older than the newest seen
+/// are stale; the first event of a newer attempt restarts the output, if any was
+/// shown.
+pub struct AttemptTracker<U> {
+    attempt: u32,
+    has_output: bool,
+    kind: std::marker::PhantomData<fn() -> U>,
+}
+
+impl<U> Default for AttemptTracker<U> {
+    fn default() -> Self {
+        AttemptTracker { attempt: 0, has_output: false, kind: std::marker::PhantomData }
+    }
+}
+
+impl<U: JobUpdate> AttemptTracker<U> {
+    pub fn apply(&mut self, event: Event) -> Vec<U> {
         let mut out = Vec::new();
         if event.attempt < self.attempt {
             return out;
         }
         if event.attempt > self.attempt {
-            if self.has_text {
-                out.push(ChatUpdate::Restart { attempt: event.attempt });
+            if self.has_output {
+                out.push(U::restart(event.attempt));
             }
             self.attempt = event.attempt;
-            self.has_text = false;
+            self.has_output = false;
         }
-        match event.body {
-            EventBody::Accepted { worker, model } => {
-                out.push(ChatUpdate::Accepted { worker, model, attempt: event.attempt })
-            }
-            EventBody::Token { text } => {
-                self.has_text = true;
-                out.push(ChatUpdate::Delta(text));
-            }
-            EventBody::Done { result: JobResult::Chat { text, finish_reason }, metrics } => {
-                out.push(ChatUpdate::Done { text, finish_reason, metrics })
-            }
-            EventBody::Done { .. } => out.push(ChatUpdate::Failed {
-                code: ErrorCode::Internal,
-                message: "the worker returned a result of another kind".into(),
-            }),
-            EventBody::Failed { code, message } => out.push(ChatUpdate::Failed { code, message }),
-            EventBody::Cancelled => out.push(ChatUpdate::Cancelled),
-            EventBody::Segment { .. } | EventBody::Progress { .. } => {}
+        if let Some(update) = U::from_event(event.attempt, event.body) {
+            self.has_output |= update.is_partial();
+            out.push(update);
         }
         out
     }
@@ -270,12 +393,54 @@ mod tests {
 
     #[test]
     fn a_new_attempt_restarts_the_answer_and_stale_events_are_dropped() {
-        let mut t = AttemptTracker::default();
+        let mut t = AttemptTracker::<ChatUpdate>::default();
         assert_eq!(t.apply(tok(1, "Hel")), [ChatUpdate::Delta("Hel".into())]);
         let restart = t.apply(ev(2, EventBody::Accepted { worker: "w2".into(), model: "m".into() }));
         assert_eq!(restart[0], ChatUpdate::Restart { attempt: 2 });
         assert!(t.apply(tok(1, "lo")).is_empty(), "late event of the dead attempt is ignored");
         assert_eq!(t.apply(tok(2, "Hello")), [ChatUpdate::Delta("Hello".into())]);
+    }
+
+    #[test]
+    fn a_new_asr_attempt_discards_the_segments_so_far() {
+        let seg = |attempt, text: &str| {
+            ev(attempt, EventBody::Segment { segment: Segment { start: 0.0, end: 1.0, text: text.into() } })
+        };
+        let mut t = AttemptTracker::<AsrUpdate>::default();
+        let accepted = t.apply(ev(1, EventBody::Accepted { worker: "w1".into(), model: "m".into() }));
+        assert_eq!(accepted, [AsrUpdate::Accepted { worker: "w1".into(), model: "m".into(), attempt: 1 }]);
+        assert!(matches!(&t.apply(seg(1, "hello"))[..], [AsrUpdate::Segment(s)] if s.text == "hello"));
+        assert!(t.apply(ev(1, EventBody::Token { text: "x".into() })).is_empty(), "tokens are not shown for asr");
+        let restarted = t.apply(seg(2, "hello again"));
+        assert_eq!(restarted.len(), 2);
+        assert_eq!(restarted[0], AsrUpdate::Restart { attempt: 2 });
+        assert!(t.apply(seg(1, "late")).is_empty(), "late segment of the dead attempt is ignored");
+        let done = t.apply(ev(
+            2,
+            EventBody::Done {
+                result: JobResult::Asr { text: "hello again".into(), language: Some("en".into()), segments: vec![] },
+                metrics: Metrics::default(),
+            },
+        ));
+        assert!(matches!(&done[..], [AsrUpdate::Done { language: Some(l), .. }] if l == "en"));
+    }
+
+    #[test]
+    fn a_result_of_another_kind_is_a_failure() {
+        let mut t = AttemptTracker::<AsrUpdate>::default();
+        let done = EventBody::Done {
+            result: JobResult::Chat { text: "hi".into(), finish_reason: FinishReason::Stop },
+            metrics: Metrics::default(),
+        };
+        assert!(matches!(&t.apply(ev(1, done))[..], [AsrUpdate::Failed { code: ErrorCode::Internal, .. }]));
+    }
+
+    #[test]
+    fn a_new_attempt_without_output_needs_no_restart() {
+        let mut t = AttemptTracker::<AsrUpdate>::default();
+        t.apply(ev(1, EventBody::Accepted { worker: "w1".into(), model: "m".into() }));
+        let second = t.apply(ev(2, EventBody::Accepted { worker: "w2".into(), model: "m".into() }));
+        assert!(matches!(&second[..], [AsrUpdate::Accepted { attempt: 2, .. }]));
     }
 
     #[test]

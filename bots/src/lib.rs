@@ -30,6 +30,32 @@ pub struct BotsConfig {
     pub catalog: Catalog,
     pub http_addr: SocketAddr,
     pub job_timeout: Duration,
+    /// Largest audio file the speech-to-text endpoints accept, in bytes.
+    pub max_upload: usize,
+}
+
+/// OpenAI's limit on audio uploads, so clients written for it fit.
+pub const DEFAULT_MAX_UPLOAD: usize = 25 * 1024 * 1024;
+
+/// Reads a size in bytes: `26214400`, `25MB` (powers of 1000) or `25MiB`
+/// (powers of 1024); `K`, `M` and `G` alone are the binary units.
+pub fn parse_size(text: &str) -> Result<usize, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let number: usize =
+        digits.parse().map_err(|_| format!("`{text}` is not a size such as 26214400, 25MB or 25MiB"))?;
+    let scale: usize = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1000,
+        "mb" => 1000 * 1000,
+        "gb" => 1000 * 1000 * 1000,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        other => return Err(format!("unknown size unit `{other}` (use B, KB, MB, GB, KiB, MiB or GiB)")),
+    };
+    number.checked_mul(scale).ok_or_else(|| format!("`{text}` is too large"))
 }
 
 /// Connects to NATS and serves HTTP on `config.http_addr` until `shutdown`.
@@ -52,8 +78,26 @@ pub async fn serve(
         jobs,
         catalog: Arc::new(config.catalog),
         job_timeout: config.job_timeout,
+        max_upload: config.max_upload,
     };
     let addr = listener.local_addr().map_err(BotsError::Serve)?;
     tracing::info!("dashboard and API on http://{addr}/");
     axum::serve(listener, http::app(state)).with_graceful_shutdown(shutdown).await.map_err(BotsError::Serve)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_with_decimal_and_binary_units() {
+        assert_eq!(parse_size("26214400"), Ok(DEFAULT_MAX_UPLOAD));
+        assert_eq!(parse_size("25MiB"), Ok(DEFAULT_MAX_UPLOAD));
+        assert_eq!(parse_size("25 M"), Ok(DEFAULT_MAX_UPLOAD));
+        assert_eq!(parse_size("25MB"), Ok(25_000_000));
+        assert_eq!(parse_size("512kb"), Ok(512_000));
+        assert!(parse_size("25 furlongs").is_err());
+        assert!(parse_size("MB").is_err());
+        assert!(parse_size("99999999999999999999G").is_err());
+    }
 }

@@ -25,6 +25,10 @@ struct Cli {
     /// Seconds a request waits for its job.
     #[arg(long, env = "NATTER_JOB_TIMEOUT")]
     job_timeout: Option<f64>,
+    /// Largest audio upload for speech to text: bytes, or with a unit (25MB, 25MiB).
+    #[arg(long, env = "NATTER_MAX_UPLOAD", value_parser = natter_bots::parse_size,
+          default_value_t = natter_bots::DEFAULT_MAX_UPLOAD)]
+    max_upload: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -35,12 +39,14 @@ fn main() -> anyhow::Result<()> {
     let catalog = Catalog::load(cli.catalog.as_ref().unwrap_or(&file.models.catalog))?;
     let timeout = cli.job_timeout.unwrap_or(file.http.job_timeout_secs);
     anyhow::ensure!(timeout.is_finite() && timeout > 0.0, "--job-timeout must be positive seconds");
+    anyhow::ensure!(cli.max_upload > 0, "--max-upload must be at least one byte");
     let config = natter_bots::BotsConfig {
         nats_url: cli.nats_url.unwrap_or(file.nats.url),
         jetstream: file.jetstream,
         catalog,
         http_addr: cli.http_addr.unwrap_or(file.http.addr),
         job_timeout: Duration::from_secs_f64(timeout),
+        max_upload: cli.max_upload,
     };
     tokio::runtime::Runtime::new()?.block_on(natter_bots::run(config, natter_shared::shutdown::signal()))?;
     Ok(())

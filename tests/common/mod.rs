@@ -182,6 +182,7 @@ pub async fn start_http(nats: &NatsServer, catalog: Catalog) -> (String, oneshot
         catalog,
         http_addr: listener.local_addr().unwrap(),
         job_timeout: Duration::from_secs(300),
+        max_upload: natter_bots::DEFAULT_MAX_UPLOAD,
     };
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(async move {

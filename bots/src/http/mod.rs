@@ -1,5 +1,6 @@
 //! The HTTP front-end: the OpenAI-compatible API and the dashboard, one router.
 
+mod audio;
 mod dashboard;
 pub mod error;
 mod ner;
@@ -7,6 +8,7 @@ pub mod openai;
 
 use crate::client::JobClient;
 use crate::fleet::Fleet;
+use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
 use natter_shared::catalog::Catalog;
@@ -19,9 +21,13 @@ pub struct AppState {
     pub fleet: Fleet,
     pub catalog: Arc<Catalog>,
     pub job_timeout: Duration,
+    /// Largest audio file accepted, in bytes.
+    pub max_upload: usize,
 }
 
 pub fn app(state: AppState) -> Router {
+    // Only the upload routes take bodies this large; the rest keep axum's 2 MB.
+    let uploads = DefaultBodyLimit::max(state.max_upload.saturating_add(audio::FORM_OVERHEAD));
     Router::new()
         .route("/", get(dashboard::page))
         .route("/healthz", get(|| async { "ok" }))
@@ -30,6 +36,9 @@ pub fn app(state: AppState) -> Router {
         .route("/api/ner", post(ner::ner))
         .route("/v1/models", get(openai::list_models))
         .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/audio/transcriptions", post(audio::transcriptions).layer(uploads))
+        .route("/v1/audio/translations", post(audio::translations).layer(uploads))
+        .route("/api/transcribe", post(audio::transcribe_stream).layer(uploads))
         .fallback(|| async { error::ApiError::not_found("no such endpoint") })
         .with_state(state)
 }

@@ -26,10 +26,13 @@ pub async fn list_models(State(state): State<AppState>) -> Json<serde_json::Valu
     for w in &workers {
         for m in &w.models {
             if seen.insert(m.clone()) {
-                let kind = state.catalog.get(m).map(|e| e.kind.as_str()).unwrap_or("chat");
+                let entry = state.catalog.get(m);
+                let kind = entry.map(|e| e.kind.as_str()).unwrap_or("chat");
                 data.push(serde_json::json!({
                     "id": m, "object": "model", "created": 0, "owned_by": "natter",
                     "kind": kind,
+                    // What a request naming no model gets (per kind), so pickers can preselect it.
+                    "default": entry.and_then(|e| state.catalog.default_for(e.kind)).is_some_and(|d| d.id == *m),
                     "workers": workers.iter().filter(|x| x.models.contains(m)).count(),
                 }));
             }
@@ -167,10 +170,10 @@ pub async fn resolve_model(state: &AppState, requested: Option<&str>, kind: JobK
 
 /// Cancels the job if dropped before it finished: a client that goes away
 /// stops its job on the worker.
-struct CancelOnDrop {
-    jobs: JobClient,
-    id: Uuid,
-    armed: bool,
+pub(super) struct CancelOnDrop {
+    pub(super) jobs: JobClient,
+    pub(super) id: Uuid,
+    pub(super) armed: bool,
 }
 
 impl Drop for CancelOnDrop {

@@ -186,22 +186,40 @@ impl Transcriber<'_> {
                 language = Some(self.detect_language(&audio)?);
             }
             let lang_token = language.as_ref().map(|(_, t)| *t);
-            let mut decoded = None;
+            let mut accepted = None;
+            let mut attempts = Vec::new();
             for &temperature in &TEMPERATURES {
                 let result =
                     self.decode(&audio, &context, lang_token, request.task, temperature, &mut rng, &cancelled)?;
-                let mut fallback =
-                    result.compression_ratio > COMPRESSION_RATIO_THRESHOLD || result.avg_logprob < LOGPROB_THRESHOLD;
-                if result.no_speech_prob > NO_SPEECH_THRESHOLD {
-                    fallback = false;
-                }
-                decoded = Some(result);
-                if !fallback {
+                total_tokens += result.tokens.len();
+                let looped = result.compression_ratio > COMPRESSION_RATIO_THRESHOLD;
+                let unsure = result.avg_logprob < LOGPROB_THRESHOLD;
+                // Low confidence is fine where the model says nobody speaks (the
+                // window is skipped below), but a repetition loop never is.
+                if !looped && (!unsure || result.no_speech_prob > NO_SPEECH_THRESHOLD) {
+                    accepted = Some(result);
                     break;
                 }
+                attempts.push(result);
             }
-            let decoded = decoded.expect("at least one temperature");
-            total_tokens += decoded.tokens.len();
+            // Every temperature failed its checks: keep the most confident attempt
+            // that is not a repetition loop; a window of nothing but loops is
+            // noise the model hallucinated over, and is dropped.
+            let decoded = match accepted {
+                Some(decoded) => decoded,
+                None => match attempts
+                    .into_iter()
+                    .filter(|a| a.compression_ratio <= COMPRESSION_RATIO_THRESHOLD)
+                    .max_by(|a, b| a.avg_logprob.total_cmp(&b.avg_logprob))
+                {
+                    Some(best) => best,
+                    None => {
+                        seek += window_frames;
+                        context.clear();
+                        continue;
+                    }
+                },
+            };
             if decoded.no_speech_prob > NO_SPEECH_THRESHOLD && decoded.avg_logprob < LOGPROB_THRESHOLD {
                 seek += window_frames;
                 continue;
@@ -229,7 +247,10 @@ impl Transcriber<'_> {
             }
         }
         let text = segments.iter().map(|s| s.text.trim()).filter(|t| !t.is_empty()).collect::<Vec<_>>().join(" ");
-        Ok(Transcript { text, language: language.map(|(code, _)| code), segments, tokens: total_tokens })
+        // A language "detected" in silence or noise means nothing.
+        let detected_nothing = segments.is_empty() && request.language.is_none();
+        let language = if detected_nothing { None } else { language.map(|(code, _)| code) };
+        Ok(Transcript { text, language, segments, tokens: total_tokens })
     }
 
     fn detect_language(&self, audio: &AudioContext) -> Result<(String, u32), TranscribeError> {

@@ -43,6 +43,8 @@ enum ModelsCommand {
     },
     /// List catalog models and whether each is fetched.
     List,
+    /// Print where a fetched model lives.
+    Path { id: String },
 }
 
 fn set_threads(threads: usize) {
@@ -69,6 +71,11 @@ fn main() -> anyhow::Result<()> {
                     m.description
                 );
             }
+            Ok(())
+        }
+        Some(Command::Models(ModelsCommand::Path { id })) => {
+            let entry = loaded.catalog.get(&id).with_context(|| format!("model `{id}` is not in the catalog"))?;
+            println!("{}", natter_worker::fetch::resolve(entry, &loaded.models_dir)?.display());
             Ok(())
         }
         Some(Command::Models(ModelsCommand::Fetch { ids })) => {

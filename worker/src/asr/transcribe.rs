@@ -200,6 +200,13 @@ impl Transcriber<'_> {
                     accepted = Some(result);
                     break;
                 }
+                tracing::debug!(
+                    temperature,
+                    compression_ratio = result.compression_ratio,
+                    avg_logprob = result.avg_logprob,
+                    no_speech = result.no_speech_prob,
+                    "window needs another attempt"
+                );
                 attempts.push(result);
             }
             // Every temperature failed its checks: keep the most confident attempt
@@ -224,6 +231,7 @@ impl Transcriber<'_> {
                 seek += window_frames;
                 continue;
             }
+            tracing::debug!(seek, tokens = decoded.tokens.len(), "window decoded");
             let window_end = time_offset + window_frames as f64 * HOP as f64 / SAMPLE_RATE as f64;
             let (pieces, advance) = self.split(&decoded.tokens, window_frames);
             for (start, end, tokens) in pieces {

@@ -232,3 +232,31 @@ fn word_error_rate_counts_edits() {
     assert_eq!(word_error_rate("the cat sat", "The cat sat."), 0.0);
     assert!((word_error_rate("the cat sat down", "the bat sat") - 0.5).abs() < 1e-9);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn german_speech_is_detected_and_translated_to_english() {
+    let stack = Stack::start(&[ASR_MODEL]).await;
+    let client = stack.job_client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let wav = dir.path().join("de.wav");
+    let status = Command::new("espeak-ng")
+        .args(["-v", "de", "-s", "130", "-g", "3", "-w"])
+        .arg(&wav)
+        .arg("Guten Morgen. Heute ist das Wetter sehr schön. Ich trinke einen Kaffee und lese die Zeitung.")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let ogg = std::fs::read(encode(&wav, &["-c:a", "libopus"], dir.path().join("de.ogg"))).unwrap();
+    let origin = Origin { frontend: "test".into(), user: "u".into(), conversation: None };
+    for task in [AsrTask::Transcribe, AsrTask::Translate] {
+        let audio = client.put_blob(ogg.clone(), "audio/ogg").await.unwrap();
+        let job = Job::new(ASR_MODEL, origin.clone(), JobInput::Asr(AsrInput { audio, language: None, task }));
+        let (JobResult::Asr { text, language, .. }, _) = client.run_job(&job).await.unwrap() else { panic!() };
+        assert_eq!(language.as_deref(), Some("de"), "{text}");
+        let text = text.to_lowercase();
+        match task {
+            AsrTask::Transcribe => assert!(text.contains("guten morgen") && text.contains("zeitung"), "{text}"),
+            AsrTask::Translate => assert!(text.contains("morning") && text.contains("coffee"), "{text}"),
+        }
+    }
+}

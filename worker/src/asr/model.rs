@@ -74,7 +74,7 @@ impl Attention {
         if let Some(mask) = mask {
             scores = scores.broadcast_add(mask)?;
         }
-        let weights = candle_nn::ops::softmax_last_dim(&scores)?;
+        let weights = scores.apply_op1_no_bwd(&super::kernels::SoftmaxLastDim)?;
         let mixed = weights.matmul(v)?.transpose(1, 2)?.reshape((b, n, d))?;
         self.out.forward(&mixed)
     }

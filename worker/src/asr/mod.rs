@@ -7,7 +7,7 @@
 
 pub mod audio;
 pub mod ct2;
-mod kernels;
+pub(crate) mod kernels;
 pub mod mel;
 pub mod model;
 pub mod transcribe;

@@ -7,7 +7,7 @@
 //! token's work.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Conv1d, Conv1dConfig, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Conv1d, Conv1dConfig, LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
 #[derive(Clone, Debug, Deserialize)]
@@ -162,8 +162,10 @@ struct DecoderLayer {
 }
 
 pub struct Decoder {
-    embed: Embedding,
-    embed_weight: Tensor,
+    /// The token embedding, which is also the output projection, in f16 (as the
+    /// checkpoints store it).
+    embed_f16: Vec<half::f16>,
+    d_model: usize,
     positions: Tensor,
     layers: Vec<DecoderLayer>,
     ln: LayerNorm,
@@ -200,10 +202,10 @@ impl Decoder {
                 })
             })
             .collect::<Result<_>>()?;
-        let embed_weight = vb.get((cfg.vocab_size, d), "embed_tokens.weight")?;
+        let embed_weight = vb.get((cfg.vocab_size, d), "embed_tokens.weight")?.to_dtype(DType::F16)?;
         Ok(Decoder {
-            embed: Embedding::new(embed_weight.clone(), d),
-            embed_weight,
+            embed_f16: embed_weight.flatten_all()?.to_vec1()?,
+            d_model: d,
             positions: vb.get((cfg.max_target_positions, d), "embed_positions.weight")?,
             layers,
             ln: layer_norm(d, vb.pp("layer_norm"))?,
@@ -231,8 +233,17 @@ impl Decoder {
         let n = tokens.len();
         let offset = state.len;
         let device = self.positions.device();
-        let ids = Tensor::new(tokens, device)?.unsqueeze(0)?;
-        let mut x = self.embed.forward(&ids)?.broadcast_add(&self.positions.narrow(0, offset, n)?)?;
+        let d = self.d_model;
+        let mut embedded = vec![0f32; n * d];
+        for (row, &token) in embedded.chunks_exact_mut(d).zip(tokens) {
+            let t = token as usize;
+            if t * d >= self.embed_f16.len() {
+                candle_core::bail!("token {token} is outside the vocabulary");
+            }
+            half::slice::HalfFloatSliceExt::convert_to_f32_slice(&self.embed_f16[t * d..(t + 1) * d], row);
+        }
+        let embedded = Tensor::from_vec(embedded, (1, n, d), device)?;
+        let mut x = embedded.broadcast_add(&self.positions.narrow(0, offset, n)?)?;
         let mask = if n > 1 { Some(causal_mask(n, offset, device)?) } else { None };
         for (i, layer) in self.layers.iter().enumerate() {
             let h = layer.self_ln.forward(&x)?;
@@ -253,9 +264,11 @@ impl Decoder {
 
     /// Vocabulary logits for hidden states [n, d] -> [n, vocab].
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        // [vocab, d] x [d, n] walks the embedding row by row, which is much
-        // faster for one or two rows than multiplying by its transpose.
-        self.embed_weight.matmul(&hidden.t()?.contiguous()?)?.t()?.contiguous()
+        let n = hidden.dim(0)?;
+        let rows: Vec<f32> = hidden.flatten_all()?.to_vec1()?;
+        let logits = super::kernels::project_f16(&self.embed_f16, self.d_model, &rows);
+        let vocab = logits.len() / n;
+        Tensor::from_vec(logits, (n, vocab), hidden.device())
     }
 }
 

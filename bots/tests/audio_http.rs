@@ -118,7 +118,7 @@ async fn play(
 ) {
     let JobInput::Asr(input) = &job.input else { panic!("not an asr job") };
     let store = js.get_object_store(BLOB_BUCKET).await.unwrap();
-    let (audio, content_type) = natter_shared::blob::get(&store, &input.audio, u64::MAX).await.unwrap();
+    let (audio, content_type) = natter_shared::blob::get(&store, input.audio.clone(), u64::MAX).await.unwrap();
     let stored = matches!(input.audio, Blob::Stored(_));
     let mut cancels = client.subscribe(subjects::cancel(job.id)).await.unwrap();
     let send = |attempt: u32, seq: u64, body: EventBody| {

@@ -49,13 +49,13 @@ pub async fn put(store: &ObjectStore, data: Vec<u8>, content_type: &str) -> Resu
 
 /// The bytes and content type of `blob`, refusing anything above `limit` before
 /// reading it.
-pub async fn get(store: &ObjectStore, blob: &Blob, limit: u64) -> Result<(Vec<u8>, String), BlobError> {
+pub async fn get(store: &ObjectStore, blob: Blob, limit: u64) -> Result<(Vec<u8>, String), BlobError> {
     match blob {
         Blob::Inline { content_type, data } => {
             if data.len() as u64 > limit {
                 return Err(BlobError::TooLarge { size: data.len() as u64, limit });
             }
-            Ok((data.clone(), content_type.clone()))
+            Ok((data, content_type))
         }
         Blob::Stored(blob_ref) => {
             if blob_ref.size > limit {
@@ -75,7 +75,7 @@ pub async fn get(store: &ObjectStore, blob: &Blob, limit: u64) -> Result<(Vec<u8
             if hex::encode(Sha256::digest(&data)) != blob_ref.sha256 {
                 return Err(BlobError::Damaged("checksum mismatch".into()));
             }
-            Ok((data, blob_ref.content_type.clone()))
+            Ok((data, blob_ref.content_type))
         }
     }
 }

@@ -220,7 +220,8 @@ async fn resolve_blobs(shared: &Shared, mut job: Job) -> Result<Job, (ErrorCode,
         JobInput::Asr(input) => &mut input.audio,
         JobInput::Chat(_) | JobInput::Ner(_) => return Ok(job),
     };
-    match natter_shared::blob::get(&shared.blobs, blob, shared.max_input_bytes).await {
+    let taken = std::mem::replace(blob, Blob::Inline { content_type: String::new(), data: Vec::new() });
+    match natter_shared::blob::get(&shared.blobs, taken, shared.max_input_bytes).await {
         Ok((data, content_type)) => {
             *blob = Blob::Inline { content_type, data };
             Ok(job)

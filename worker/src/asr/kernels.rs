@@ -103,49 +103,27 @@ impl CustomOp1 for SoftmaxLastDim {
     }
 }
 
-/// `hidden` ([n, d]) times the transpose of `weight` ([rows, d], f16), as
-/// [n, rows] f32. Whisper's output projection reads its 51,865 x d embedding once
+/// One hidden state ([d]) times the transpose of `weight` ([rows, d], f16), as
+/// [rows] f32. Whisper's output projection reads its 51,865 x d embedding once
 /// per token and is bound by memory, so keeping it in f16 (as the checkpoints
 /// store it) halves its cost. Rows are split across candle's threads.
 pub fn project_f16(weight: &[half::f16], d: usize, hidden: &[f32]) -> Vec<f32> {
     let rows = weight.len() / d;
-    let n = hidden.len() / d;
-    let mut out = vec![0f32; n * rows];
-    let block = |first_row: usize, weights: &[half::f16], out: &mut [f32]| {
+    let mut out = vec![0f32; rows];
+    let block = |weights: &[half::f16], out: &mut [f32]| {
         let mut row_f32 = vec![0f32; d];
-        for (r, w) in weights.chunks_exact(d).enumerate() {
+        for (w, o) in weights.chunks_exact(d).zip(out.iter_mut()) {
             half::slice::HalfFloatSliceExt::convert_to_f32_slice(w, &mut row_f32);
-            for (i, h) in hidden.chunks_exact(d).enumerate() {
-                out[i * rows + first_row + r] = dot(&row_f32, h);
-            }
+            *o = dot(&row_f32, hidden);
         }
     };
     let threads = candle_core::utils::get_num_threads().clamp(1, rows.max(1));
-    if threads == 1 {
-        block(0, weight, &mut out);
-        return out;
-    }
     let per = rows.div_ceil(threads);
-    let parts: Vec<Vec<f32>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = weight
-            .chunks(per * d)
-            .enumerate()
-            .map(|(t, w)| {
-                scope.spawn(move || {
-                    let mut part = vec![0f32; n * rows];
-                    block(t * per, w, &mut part);
-                    part
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().expect("projection thread")).collect()
-    });
-    for (t, part) in parts.iter().enumerate() {
-        let (start, end) = (t * per, ((t + 1) * per).min(rows));
-        for i in 0..n {
-            out[i * rows + start..i * rows + end].copy_from_slice(&part[i * rows + start..i * rows + end]);
+    std::thread::scope(|scope| {
+        for (w, o) in weight.chunks(per * d).zip(out.chunks_mut(per)) {
+            scope.spawn(move || block(w, o));
         }
-    }
+    });
     out
 }
 
@@ -193,7 +171,7 @@ mod tests {
 
     #[test]
     fn f16_projection_matches_a_matmul() {
-        let (rows, d, n) = (1003, 40, 2);
+        let (rows, d, n) = (1003, 40, 1);
         let weight: Vec<f32> = (0..rows * d).map(|i| ((i * 7919) % 997) as f32 / 997.0 - 0.5).collect();
         let hidden: Vec<f32> = (0..n * d).map(|i| ((i * 31) % 17) as f32 / 17.0 - 0.5).collect();
         let w = Tensor::from_vec(weight, (rows, d), &Device::Cpu).unwrap().to_dtype(candle_core::DType::F16).unwrap();

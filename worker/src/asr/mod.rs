@@ -155,21 +155,7 @@ mod tests {
                 }
             })
             .collect();
-        let mut out = Vec::new();
-        let data_len = (samples.len() * 2) as u32;
-        for chunk in [&b"RIFF"[..], &(36 + data_len).to_le_bytes(), b"WAVEfmt ", &16u32.to_le_bytes()] {
-            out.extend_from_slice(chunk);
-        }
-        out.extend_from_slice(&1u16.to_le_bytes());
-        out.extend_from_slice(&1u16.to_le_bytes());
-        out.extend_from_slice(&rate.to_le_bytes());
-        out.extend_from_slice(&(rate * 2).to_le_bytes());
-        out.extend_from_slice(&2u16.to_le_bytes());
-        out.extend_from_slice(&16u16.to_le_bytes());
-        out.extend_from_slice(b"data");
-        out.extend_from_slice(&data_len.to_le_bytes());
-        out.extend(samples.iter().flat_map(|s| s.to_le_bytes()));
-        out
+        audio::wav(&samples, rate, 1)
     }
 
     #[test]
@@ -209,16 +195,7 @@ mod tests {
     #[test]
     fn digital_silence_gives_an_empty_transcript() {
         let (_dir, engine) = tiny_engine();
-        let silence = {
-            let mut w = wav(0.0);
-            let n = 22_050 * 20;
-            let len = (n * 2) as u32;
-            w.truncate(40);
-            w.extend_from_slice(&len.to_le_bytes());
-            w.extend(std::iter::repeat_n(0u8, n * 2));
-            w[4..8].copy_from_slice(&(36 + len).to_le_bytes());
-            w
-        };
+        let silence = audio::wav(&vec![0; 22_050 * 20], 22_050, 1);
         let request = Request { task: AsrTask::Transcribe, language: None };
         let (transcript, seconds) = engine.transcribe(&silence, None, &request, |_| {}, || false).unwrap();
         assert!(seconds > 19.0);

@@ -262,13 +262,9 @@ impl Decoder {
         self.ln.forward(&x)?.squeeze(0)
     }
 
-    /// Vocabulary logits for hidden states [n, d] -> [n, vocab].
-    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let n = hidden.dim(0)?;
-        let rows: Vec<f32> = hidden.flatten_all()?.to_vec1()?;
-        let logits = super::kernels::project_f16(&self.embed_f16, self.d_model, &rows);
-        let vocab = logits.len() / n;
-        Tensor::from_vec(logits, (n, vocab), hidden.device())
+    /// Vocabulary logits of one hidden state (a row of [`Self::forward`]'s output).
+    pub fn logits(&self, hidden: &Tensor) -> Result<Vec<f32>> {
+        Ok(super::kernels::project_f16(&self.embed_f16, self.d_model, &hidden.to_vec1::<f32>()?))
     }
 }
 

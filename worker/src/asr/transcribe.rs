@@ -264,7 +264,7 @@ impl Transcriber<'_> {
     fn detect_language(&self, audio: &AudioContext) -> Result<(String, u32), TranscribeError> {
         let mut state = self.model.decoder.start(audio);
         let hidden = self.model.decoder.forward(&[self.specials.sot], &mut state)?;
-        let logits: Vec<f32> = self.model.decoder.logits(&hidden)?.i(0)?.to_vec1()?;
+        let logits = self.model.decoder.logits(&hidden.i(0)?)?;
         let best = self
             .specials
             .languages
@@ -302,11 +302,9 @@ impl Transcriber<'_> {
         }
         let mut state: DecoderState = decoder.start(audio);
         let hidden = decoder.forward(&prompt, &mut state)?;
-        let rows =
-            decoder.logits(&Tensor::cat(&[hidden.i(sot_index)?, hidden.i(prompt.len() - 1)?], 0)?.reshape((2, ()))?)?;
-        let sot_logits: Vec<f32> = rows.i(0)?.to_vec1()?;
+        let sot_logits = decoder.logits(&hidden.i(sot_index)?)?;
         let no_speech_prob = softmax_at(&sot_logits, s.no_speech as usize);
-        let mut logits: Vec<f32> = rows.i(1)?.to_vec1()?;
+        let mut logits = decoder.logits(&hidden.i(prompt.len() - 1)?)?;
 
         let budget = (max_positions / 2).min(max_positions - prompt.len());
         let mut tokens: Vec<u32> = Vec::new();
@@ -335,7 +333,7 @@ impl Transcriber<'_> {
                 break;
             }
             let hidden = decoder.forward(&[next], &mut state)?;
-            logits = decoder.logits(&hidden)?.i(0)?.to_vec1()?;
+            logits = decoder.logits(&hidden.i(0)?)?;
         }
         let text = self.text(&tokens)?;
         Ok(Decoded {
@@ -385,10 +383,10 @@ impl Transcriber<'_> {
             mask(logits, 0..ts);
             mask(logits, ts + MAX_INITIAL_TIMESTAMP as usize + 1..logits.len());
         }
-        // When time is more likely than any single word, emit a timestamp.
-        let logprobs = log_softmax(logits);
-        let ts_mass = log_sum_exp(&logprobs[ts..]);
-        let best_text = logprobs[..ts].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        // When time is more likely than any single word, emit a timestamp (the
+        // softmax normaliser is common to both sides, so raw logits compare).
+        let ts_mass = log_sum_exp(&logits[ts..]);
+        let best_text = logits[..ts].iter().copied().fold(f32::NEG_INFINITY, f32::max);
         if ts_mass > best_text {
             mask(logits, 0..ts);
         }

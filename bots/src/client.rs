@@ -230,7 +230,7 @@ impl JobUpdate for ChatUpdate {
             EventBody::Done { .. } => wrong_kind(),
             EventBody::Failed { code, message } => ChatUpdate::Failed { code, message },
             EventBody::Cancelled => ChatUpdate::Cancelled,
-            EventBody::Segment { .. } | EventBody::Progress { .. } => return None,
+            EventBody::Segment { .. } | EventBody::Line { .. } | EventBody::Progress { .. } => return None,
         })
     }
 
@@ -289,7 +289,7 @@ impl JobUpdate for AsrUpdate {
             EventBody::Done { .. } => wrong_kind(),
             EventBody::Failed { code, message } => AsrUpdate::Failed { code, message },
             EventBody::Cancelled => AsrUpdate::Cancelled,
-            EventBody::Token { .. } | EventBody::Progress { .. } => return None,
+            EventBody::Token { .. } | EventBody::Line { .. } | EventBody::Progress { .. } => return None,
         })
     }
 

@@ -325,6 +325,10 @@ pub enum EventBody {
     Accepted { worker: String, model: String },
     Token { text: String },
     Segment { segment: Segment },
+    /// One recognised OCR line, sent in reading order as soon as it is read.
+    /// Lines carry a box and a confidence rather than times, so they are not
+    /// `segment`s.
+    Line { line: OcrLine },
     Progress { stage: String, done: u64, total: Option<u64> },
     Done { result: JobResult, metrics: Metrics },
     Failed { code: ErrorCode, message: String },
@@ -360,7 +364,17 @@ pub enum FinishReason {
 pub enum JobResult {
     Chat { text: String, finish_reason: FinishReason },
     Ner { entities: Vec<Entity> },
-    Ocr { text: String, lines: Vec<OcrLine> },
+    Ocr {
+        /// All lines in reading order: lines of one row joined by spaces, a
+        /// blank line between paragraphs and between columns.
+        text: String,
+        lines: Vec<OcrLine>,
+        /// Size of the image after its EXIF orientation was applied; the
+        /// space the boxes are in.
+        width: u32,
+        height: u32,
+        timings: OcrTimings,
+    },
     Asr { text: String, language: Option<String>, segments: Vec<Segment> },
 }
 
@@ -380,6 +394,15 @@ pub struct OcrLine {
     pub confidence: f32,
     /// Four corners in original-image pixels, clockwise from top-left.
     pub bbox: [[f32; 2]; 4],
+}
+
+/// Where an OCR job spent its time, in milliseconds.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct OcrTimings {
+    pub decode_ms: f64,
+    pub detect_ms: f64,
+    pub classify_ms: f64,
+    pub recognize_ms: f64,
 }
 
 /// What a finished job cost; every field a front-end shows under an answer.
@@ -488,6 +511,9 @@ mod tests {
             EventBody::Accepted { worker: "w1".into(), model: "m1".into() },
             EventBody::Token { text: "Hel".into() },
             EventBody::Segment { segment: Segment { start: 0.0, end: 2.5, text: "hello".into() } },
+            EventBody::Line {
+                line: OcrLine { text: "Total".into(), confidence: 0.9, bbox: [[1.0, 2.0], [9.0, 2.0], [9.0, 6.0], [1.0, 6.0]] },
+            },
             EventBody::Progress { stage: "decode".into(), done: 3, total: Some(10) },
             EventBody::Done {
                 result: JobResult::Chat { text: "Hello".into(), finish_reason: FinishReason::Stop },
@@ -521,6 +547,9 @@ mod tests {
                         confidence: 0.98,
                         bbox: [[0.0, 0.0], [10.0, 0.0], [10.0, 5.0], [0.0, 5.0]],
                     }],
+                    width: 20,
+                    height: 10,
+                    timings: OcrTimings { decode_ms: 1.0, detect_ms: 20.0, classify_ms: 2.0, recognize_ms: 30.0 },
                 },
                 metrics: Metrics::default(),
             },

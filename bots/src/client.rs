@@ -5,7 +5,9 @@ use async_nats::jetstream::{self, consumer, stream};
 use futures::{Stream, StreamExt};
 use natter_shared::blob::BlobError;
 use natter_shared::jetstream::{ensure_streams, JetStreamSettings};
-use natter_shared::proto::{Blob, ErrorCode, Event, EventBody, FinishReason, Job, JobResult, Metrics, Segment};
+use natter_shared::proto::{
+    Blob, ErrorCode, Event, EventBody, FinishReason, Job, JobResult, Metrics, OcrLine, OcrTimings, Segment,
+};
 use natter_shared::subjects;
 use uuid::Uuid;
 
@@ -109,6 +111,14 @@ impl JobClient {
         &self,
         job_id: Uuid,
     ) -> Result<impl Stream<Item = AsrUpdate> + Send + 'static, ClientError> {
+        self.updates(job_id).await
+    }
+
+    /// Follows an OCR job as [`OcrUpdate`]s, resolving attempts.
+    pub async fn ocr_updates(
+        &self,
+        job_id: Uuid,
+    ) -> Result<impl Stream<Item = OcrUpdate> + Send + 'static, ClientError> {
         self.updates(job_id).await
     }
 
@@ -310,6 +320,68 @@ impl JobUpdate for AsrUpdate {
     }
 }
 
+/// An OCR job's progress as a front-end needs it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum OcrUpdate {
+    Accepted {
+        worker: String,
+        model: String,
+        attempt: u32,
+    },
+    /// The next recognised line, in reading order, as soon as it is read.
+    Line(OcrLine),
+    /// A new attempt started after a worker died: drop the lines so far.
+    Restart {
+        attempt: u32,
+    },
+    Done {
+        text: String,
+        lines: Vec<OcrLine>,
+        /// The image's size after EXIF orientation: the space the boxes are in.
+        width: u32,
+        height: u32,
+        timings: OcrTimings,
+        metrics: Metrics,
+    },
+    Failed {
+        code: ErrorCode,
+        message: String,
+    },
+    Cancelled,
+}
+
+impl JobUpdate for OcrUpdate {
+    fn from_event(attempt: u32, body: EventBody) -> Option<Self> {
+        Some(match body {
+            EventBody::Accepted { worker, model } => OcrUpdate::Accepted { worker, model, attempt },
+            EventBody::Line { line } => OcrUpdate::Line(line),
+            EventBody::Done { result: JobResult::Ocr { text, lines, width, height, timings }, metrics } => {
+                OcrUpdate::Done { text, lines, width, height, timings, metrics }
+            }
+            EventBody::Done { .. } => wrong_kind(),
+            EventBody::Failed { code, message } => OcrUpdate::Failed { code, message },
+            EventBody::Cancelled => OcrUpdate::Cancelled,
+            EventBody::Token { .. } | EventBody::Segment { .. } | EventBody::Progress { .. } => return None,
+        })
+    }
+
+    fn restart(attempt: u32) -> Self {
+        OcrUpdate::Restart { attempt }
+    }
+
+    fn failed(code: ErrorCode, message: String) -> Self {
+        OcrUpdate::Failed { code, message }
+    }
+
+    fn is_partial(&self) -> bool {
+        matches!(self, OcrUpdate::Line(_))
+    }
+
+    fn is_terminal(&self) -> bool {
+        matches!(self, OcrUpdate::Done { .. } | OcrUpdate::Failed { .. } | OcrUpdate::Cancelled)
+    }
+}
+
 /// Turns raw events into updates: events of an attempt older than the newest seen
 /// are stale; the first event of a newer attempt restarts the output, if any was
 /// shown.
@@ -423,6 +495,29 @@ mod tests {
             },
         ));
         assert!(matches!(&done[..], [AsrUpdate::Done { language: Some(l), .. }] if l == "en"));
+    }
+
+    #[test]
+    fn a_new_ocr_attempt_discards_the_lines_so_far() {
+        let line = |attempt, text: &str| {
+            let bbox = [[1.0, 2.0], [40.0, 2.0], [40.0, 12.0], [1.0, 12.0]];
+            ev(attempt, EventBody::Line { line: OcrLine { text: text.into(), confidence: 0.97, bbox } })
+        };
+        let mut t = AttemptTracker::<OcrUpdate>::default();
+        let accepted = t.apply(ev(1, EventBody::Accepted { worker: "w1".into(), model: "ppocr-v5".into() }));
+        assert_eq!(accepted, [OcrUpdate::Accepted { worker: "w1".into(), model: "ppocr-v5".into(), attempt: 1 }]);
+        assert!(matches!(&t.apply(line(1, "Invoice"))[..], [OcrUpdate::Line(l)] if l.text == "Invoice"));
+        let progress = EventBody::Progress { stage: "detect".into(), done: 1, total: None };
+        assert!(t.apply(ev(1, progress)).is_empty(), "progress is not shown for ocr");
+        let restarted = t.apply(line(2, "Invoice"));
+        assert_eq!(restarted.len(), 2);
+        assert_eq!(restarted[0], OcrUpdate::Restart { attempt: 2 });
+        assert!(t.apply(line(1, "late")).is_empty(), "late line of the dead attempt is ignored");
+        let timings = OcrTimings { decode_ms: 1.0, detect_ms: 20.0, classify_ms: 2.0, recognize_ms: 30.0 };
+        let result = JobResult::Ocr { text: "Invoice".into(), lines: vec![], width: 640, height: 480, timings };
+        let done = t.apply(ev(2, EventBody::Done { result, metrics: Metrics::default() }));
+        assert!(matches!(&done[..], [OcrUpdate::Done { width: 640, height: 480, .. }]));
+        assert!(done[0].is_terminal());
     }
 
     #[test]

@@ -30,11 +30,11 @@ pub struct BotsConfig {
     pub catalog: Catalog,
     pub http_addr: SocketAddr,
     pub job_timeout: Duration,
-    /// Largest audio file the speech-to-text endpoints accept, in bytes.
+    /// Largest file (audio, an image) the upload endpoints accept, in bytes.
     pub max_upload: usize,
 }
 
-/// OpenAI's limit on audio uploads, so clients written for it fit.
+/// OpenAI's limit on audio uploads, so clients written for it fit; photos fit too.
 pub const DEFAULT_MAX_UPLOAD: usize = 25 * 1024 * 1024;
 
 /// Reads a size in bytes: `26214400`, `25MB` (powers of 1000) or `25MiB`

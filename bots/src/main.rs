@@ -25,7 +25,7 @@ struct Cli {
     /// Seconds a request waits for its job.
     #[arg(long, env = "NATTER_JOB_TIMEOUT")]
     job_timeout: Option<f64>,
-    /// Largest audio upload for speech to text: bytes, or with a unit (25MB, 25MiB).
+    /// Largest upload (audio for speech to text, an image for OCR): bytes, or with a unit (25MB, 25MiB).
     #[arg(long, env = "NATTER_MAX_UPLOAD", value_parser = natter_bots::parse_size,
           default_value_t = natter_bots::DEFAULT_MAX_UPLOAD)]
     max_upload: usize,

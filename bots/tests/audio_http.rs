@@ -3,22 +3,20 @@
 //! events a worker would send, so what is tested here is the front-end's side
 //! (forms, blobs, response formats, status codes, the event stream, cancels).
 
+mod common;
+
 use async_nats::jetstream;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
+use common::*;
 use futures::StreamExt;
-use natter_bots::client::JobClient;
-use natter_bots::fleet::Fleet;
-use natter_bots::http::{app, AppState};
 use natter_shared::catalog::Catalog;
-use natter_shared::jetstream::{JetStreamSettings, BLOB_BUCKET};
+use natter_shared::jetstream::BLOB_BUCKET;
 use natter_shared::proto::{
-    AsrTask, Blob, ErrorCode, Event, EventBody, Job, JobInput, JobResult, Metrics, Segment, INLINE_BLOB_LIMIT, V1,
+    AsrTask, Blob, ErrorCode, EventBody, Job, JobInput, JobResult, Metrics, Segment, INLINE_BLOB_LIMIT,
 };
 use natter_shared::subjects;
 use natter_shared::testkit::NatsServer;
-use serde_json::Value;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tower::ServiceExt;
@@ -32,11 +30,10 @@ struct Setup {
     cancelled: mpsc::UnboundedReceiver<uuid::Uuid>,
 }
 
-fn catalog() -> Catalog {
-    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("audio-http-models.toml");
-    std::fs::write(
-        &path,
-        format!(
+fn audio_catalog() -> Catalog {
+    catalog(
+        "audio-http",
+        &format!(
             r#"
 [[model]]
 id = "chat-test"
@@ -60,25 +57,16 @@ file = "whisper-other"
 "#
         ),
     )
-    .unwrap();
-    Catalog::load(&path).unwrap()
 }
 
 async fn setup(worker: bool, max_upload: usize, job_timeout: Duration) -> Setup {
     let nats = NatsServer::start();
-    let jobs = JobClient::connect(&nats.url(), &JetStreamSettings::default()).await.unwrap();
     let (cancel_tx, cancelled) = mpsc::unbounded_channel();
     if worker {
         stand_in_worker(nats.connect().await, cancel_tx).await;
     }
-    let state = AppState {
-        fleet: Fleet::new(jobs.nats().clone()),
-        jobs,
-        catalog: Arc::new(catalog()),
-        job_timeout,
-        max_upload,
-    };
-    Setup { _nats: nats, router: app(state), cancelled }
+    let router = router(&nats, audio_catalog(), max_upload, job_timeout).await;
+    Setup { _nats: nats, router, cancelled }
 }
 
 async fn with_worker() -> Setup {
@@ -88,17 +76,7 @@ async fn with_worker() -> Setup {
 /// Answers `$SRV.INFO` as a worker serving [`ASR_MODEL`] and plays back events
 /// for each job, chosen by the audio's first bytes.
 async fn stand_in_worker(client: async_nats::Client, cancelled: mpsc::UnboundedSender<uuid::Uuid>) {
-    let mut info = client.subscribe(format!("$SRV.INFO.{}", subjects::WORKER_SERVICE)).await.unwrap();
-    let info_client = client.clone();
-    tokio::spawn(async move {
-        while let Some(msg) = info.next().await {
-            let reply = serde_json::json!({
-                "id": "stand-in", "version": "0.0.0",
-                "metadata": { "worker": "stand-in", "kinds": "asr", "models": ASR_MODEL },
-            });
-            let _ = info_client.publish(msg.reply.unwrap(), reply.to_string().into()).await;
-        }
-    });
+    announce(&client, "asr", ASR_MODEL).await;
     let mut jobs = client.subscribe("natter.job.asr.>").await.unwrap();
     client.flush().await.unwrap();
     let js = jetstream::new(client.clone());
@@ -121,17 +99,7 @@ async fn play(
     let (audio, content_type) = natter_shared::blob::get(&store, input.audio.clone(), u64::MAX).await.unwrap();
     let stored = matches!(input.audio, Blob::Stored(_));
     let mut cancels = client.subscribe(subjects::cancel(job.id)).await.unwrap();
-    let send = |attempt: u32, seq: u64, body: EventBody| {
-        let js = js.clone();
-        let event = Event { v: V1, job_id: job.id, attempt, seq, body };
-        async move {
-            js.publish(subjects::events(job.id), serde_json::to_vec(&event).unwrap().into())
-                .await
-                .unwrap()
-                .await
-                .unwrap();
-        }
-    };
+    let send = |attempt: u32, seq: u64, body: EventBody| publish_event(&js, job.id, attempt, seq, body);
     let seg =
         |start: f64, end: f64, text: &str| EventBody::Segment { segment: Segment { start, end, text: text.into() } };
     send(1, 0, EventBody::Accepted { worker: "stand-in".into(), model: job.model.clone() }).await;
@@ -175,70 +143,6 @@ async fn play(
     };
     let metrics = Metrics { audio_seconds: Some(3.2), wall_ms: 800.0, ..Metrics::default() };
     send(attempt, 3, EventBody::Done { result, metrics }).await;
-}
-
-/// A multipart/form-data body.
-struct Form {
-    body: Vec<u8>,
-}
-
-const BOUNDARY: &str = "natter-test-boundary";
-
-impl Form {
-    fn new() -> Self {
-        Form { body: Vec::new() }
-    }
-
-    fn text(mut self, name: &str, value: &str) -> Self {
-        let head = format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n");
-        self.body.extend_from_slice(head.as_bytes());
-        self
-    }
-
-    fn file(mut self, file_name: &str, content_type: &str, data: &[u8]) -> Self {
-        let head = format!(
-            "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{file_name}\"\r\n\
-             Content-Type: {content_type}\r\n\r\n"
-        );
-        self.body.extend_from_slice(head.as_bytes());
-        self.body.extend_from_slice(data);
-        self.body.extend_from_slice(b"\r\n");
-        self
-    }
-
-    fn request(mut self, path: &str) -> Request<Body> {
-        self.body.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
-        Request::post(path)
-            .header("content-type", format!("multipart/form-data; boundary={BOUNDARY}"))
-            .body(Body::from(self.body))
-            .unwrap()
-    }
-}
-
-async fn send(router: &axum::Router, request: Request<Body>) -> (StatusCode, String, String) {
-    let response =
-        tokio::time::timeout(Duration::from_secs(30), router.clone().oneshot(request)).await.unwrap().unwrap();
-    let status = response.status();
-    let content_type =
-        response.headers().get("content-type").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
-    let body = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
-    (status, content_type, String::from_utf8(body.to_vec()).unwrap())
-}
-
-async fn send_json(router: &axum::Router, request: Request<Body>) -> (StatusCode, Value) {
-    let (status, _, body) = send(router, request).await;
-    (status, serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}")))
-}
-
-/// `(event, data)` pairs of a Server-Sent Events body.
-fn sse(body: &str) -> Vec<(String, Value)> {
-    body.split("\n\n")
-        .filter_map(|frame| {
-            let field =
-                |name: &str| frame.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim_start().to_string());
-            Some((field("event:")?, serde_json::from_str(&field("data:")?).unwrap()))
-        })
-        .collect()
 }
 
 fn audio_form() -> Form {
@@ -405,7 +309,7 @@ async fn the_stream_sends_segments_then_done() {
     assert_eq!(status, StatusCode::OK, "{body}");
     assert!(content_type.starts_with("text/event-stream"), "{content_type}");
     let events = sse(&body);
-    let names: Vec<&str> = events.iter().map(|(e, _)| e.as_str()).collect();
+    let names = event_names(&events);
     assert_eq!(names, ["segment", "segment", "done"], "{body}");
     assert_eq!(events[0].1, serde_json::json!({ "id": 0, "start": 0.0, "end": 1.5, "text": " Hello there." }));
     assert_eq!(events[1].1["text"], " translate audio/webm 4 bytes");
@@ -426,7 +330,7 @@ async fn a_retried_attempt_restarts_the_stream() {
     let (status, _, body) = send(&s.router, form.request("/api/transcribe")).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let events = sse(&body);
-    let names: Vec<&str> = events.iter().map(|(e, _)| e.as_str()).collect();
+    let names = event_names(&events);
     assert_eq!(names, ["segment", "restart", "segment", "segment", "done"], "{body}");
     assert_eq!(events[1].1, serde_json::json!({ "attempt": 2 }));
     assert_eq!(events[2].1["id"], 0, "numbering starts again");

@@ -11,16 +11,18 @@
 
 use super::error::ApiError;
 use super::openai::{resolve_model, CancelOnDrop};
+use super::sse::{error_event, json_event};
+use super::upload::{declared_type, extension, form_error, read_file};
 use super::AppState;
 use crate::client::AsrUpdate;
-use axum::extract::multipart::{MultipartError, MultipartRejection};
+use axum::extract::multipart::MultipartRejection;
 use axum::extract::{Multipart, State};
-use axum::http::{header, StatusCode};
+use axum::http::header;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::{Stream, StreamExt};
-use natter_shared::proto::{AsrInput, AsrTask, ErrorCode, Job, JobInput, JobKind, Metrics, Origin, Segment};
+use natter_shared::proto::{AsrInput, AsrTask, Job, JobInput, JobKind, Metrics, Origin, Segment};
 use serde_json::{json, Value};
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -29,10 +31,6 @@ use uuid::Uuid;
 
 /// The model name OpenAI's clients send; it means the fleet's default speech model.
 pub const OPENAI_MODEL_ALIAS: &str = "whisper-1";
-
-/// Room in a request body beyond the file itself, for the other form fields and
-/// the multipart framing, so a file exactly at the limit is still accepted.
-pub const FORM_OVERHEAD: usize = 64 * 1024;
 
 /// `POST /v1/audio/transcriptions`.
 pub async fn transcriptions(
@@ -136,27 +134,14 @@ async fn read_form(form: Result<Multipart, MultipartRejection>, max_upload: usiz
             e.body_text()
         ))
     })?;
-    let bad_form = |e: MultipartError| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            too_large(max_upload)
-        } else {
-            ApiError::bad_request(format!("cannot read the form: {}", e.body_text()))
-        }
-    };
+    let bad_form = |e| form_error(e, max_upload);
     let mut file = None;
     let (mut model, mut language, mut response_format, mut task) = (None, None, None, None);
     while let Some(mut field) = form.next_field().await.map_err(bad_form)? {
         let slot = match field.name().unwrap_or_default() {
             "file" => {
                 let content_type = audio_content_type(field.content_type(), field.file_name());
-                let mut audio = Vec::new();
-                while let Some(chunk) = field.chunk().await.map_err(bad_form)? {
-                    if audio.len() + chunk.len() > max_upload {
-                        return Err(too_large(max_upload));
-                    }
-                    audio.extend_from_slice(&chunk);
-                }
-                file = Some((audio, content_type));
+                file = Some((read_file(&mut field, max_upload).await?, content_type));
                 continue;
             }
             "model" => &mut model,
@@ -178,23 +163,14 @@ async fn read_form(form: Result<Multipart, MultipartRejection>, max_upload: usiz
     Ok(AudioForm { audio, content_type, model, language, response_format, task })
 }
 
-fn too_large(limit: usize) -> ApiError {
-    ApiError::from_job(
-        ErrorCode::TooLarge,
-        format!("the upload is larger than the limit of {limit} bytes ({:.1} MiB)", limit as f64 / 1048576.0),
-    )
-}
-
 /// The content type the worker is told: the part's own when it names an audio
 /// or video type, else one guessed from the file name, since many clients send
 /// every file as `application/octet-stream`.
 fn audio_content_type(declared: Option<&str>, file_name: Option<&str>) -> String {
-    let declared = declared.map(|c| c.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
-    if let Some(c) = declared.filter(|c| c.starts_with("audio/") || c.starts_with("video/")) {
+    if let Some(c) = declared_type(declared).filter(|c| c.starts_with("audio/") || c.starts_with("video/")) {
         return c;
     }
-    let extension = file_name.and_then(|n| n.rsplit_once('.')).map(|(_, e)| e.to_ascii_lowercase());
-    match extension.as_deref() {
+    match extension(file_name).as_deref() {
         Some("mp3" | "mpga" | "mpeg") => "audio/mpeg",
         Some("wav") => "audio/wav",
         Some("ogg" | "oga" | "opus") => "audio/ogg",
@@ -429,14 +405,6 @@ fn sse_events(
     .map(Ok)
 }
 
-fn json_event(name: &str, data: Value) -> SseEvent {
-    SseEvent::default().event(name).data(data.to_string())
-}
-
-fn error_event(e: &ApiError) -> SseEvent {
-    json_event("error", json!({ "message": e.message, "code": e.code, "status": e.status.as_u16() }))
-}
-
 /// The `done` event: the transcript and what it cost, with the real-time factor
 /// (worker wall time over audio length; below 1 is faster than real time).
 fn done_json(t: &Transcript, id: Uuid, model: &str) -> Value {
@@ -460,6 +428,7 @@ fn done_json(t: &Transcript, id: Uuid, model: &str) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::StatusCode;
 
     fn seg(start: f64, end: f64, text: &str) -> Segment {
         Segment { start, end, text: text.into() }

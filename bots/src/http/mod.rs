@@ -4,7 +4,10 @@ mod audio;
 mod dashboard;
 pub mod error;
 mod ner;
+mod ocr;
 pub mod openai;
+mod sse;
+mod upload;
 
 use crate::client::JobClient;
 use crate::fleet::Fleet;
@@ -21,13 +24,13 @@ pub struct AppState {
     pub fleet: Fleet,
     pub catalog: Arc<Catalog>,
     pub job_timeout: Duration,
-    /// Largest audio file accepted, in bytes.
+    /// Largest uploaded file (audio, image) accepted, in bytes.
     pub max_upload: usize,
 }
 
 pub fn app(state: AppState) -> Router {
     // Only the upload routes take bodies this large; the rest keep axum's 2 MB.
-    let uploads = DefaultBodyLimit::max(state.max_upload.saturating_add(audio::FORM_OVERHEAD));
+    let uploads = DefaultBodyLimit::max(state.max_upload.saturating_add(upload::FORM_OVERHEAD));
     Router::new()
         .route("/", get(dashboard::page))
         .route("/healthz", get(|| async { "ok" }))
@@ -39,6 +42,8 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/audio/transcriptions", post(audio::transcriptions).layer(uploads))
         .route("/v1/audio/translations", post(audio::translations).layer(uploads))
         .route("/api/transcribe", post(audio::transcribe_stream).layer(uploads))
+        .route("/api/ocr", post(ocr::ocr).layer(uploads))
+        .route("/api/ocr/stream", post(ocr::ocr_stream).layer(uploads))
         .fallback(|| async { error::ApiError::not_found("no such endpoint") })
         .with_state(state)
 }

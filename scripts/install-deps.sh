@@ -3,7 +3,8 @@
 #   scripts/install-deps.sh          nats-server and libopus (to build and run natter)
 #   scripts/install-deps.sh --test   plus Chromium, playwright-core (dashboard tests),
 #                                    the openai Python client (API compatibility test),
-#                                    espeak-ng and ffmpeg (speech test audio)
+#                                    espeak-ng and ffmpeg (speech test audio),
+#                                    fonts (OCR test images)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -49,6 +50,10 @@ if $want_test; then
   if ! command -v espeak-ng >/dev/null || ! command -v ffmpeg >/dev/null; then
     echo "installing espeak-ng and ffmpeg"
     apt_install espeak-ng ffmpeg
+  fi
+  if [[ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf || ! -f /usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf ]]; then
+    echo "installing fonts for the OCR test images"
+    apt_install fonts-dejavu-core fonts-liberation
   fi
   if [[ ! -x /usr/bin/chromium ]]; then
     echo "installing chromium"

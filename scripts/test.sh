@@ -11,4 +11,6 @@ export NATTER_MODELS_DIR="${NATTER_MODELS_DIR:-$CACHE/models}"
 scripts/install-deps.sh --test
 cargo build --workspace --bins
 "$CARGO_TARGET_DIR/debug/natter-worker" models fetch
+# The second OCR model, whose charset comes from ONNX metadata, is tested too.
+"$CARGO_TARGET_DIR/debug/natter-worker" models fetch ppocr-v4
 cargo test --workspace -- --test-threads 2

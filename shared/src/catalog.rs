@@ -31,7 +31,7 @@ pub struct ModelEntry {
     /// Subject-safe id, e.g. `smollm2-135m-instruct`.
     pub id: String,
     pub kind: JobKind,
-    /// Engine architecture: `llama`, `qwen2`, `gemma3`, `whisper`, `bert`, `ppocr`.
+    /// Engine architecture: `llama`, `qwen2`, `gemma3`, `whisper`, `bert`, `ppocr-v5`, `ppocr-v4`.
     pub arch: String,
     /// The file (or, for multi-file models, the directory) the model is stored as
     /// under the models directory.

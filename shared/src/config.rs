@@ -66,6 +66,9 @@ pub struct WorkerSection {
     pub max_input_bytes: u64,
     /// Longest audio a speech-to-text job may carry, in seconds.
     pub max_audio_seconds: f64,
+    /// Largest image an OCR job may carry, in pixels; checked from the
+    /// image's header before any pixel is decoded.
+    pub max_image_pixels: u64,
 }
 
 impl Default for WorkerSection {
@@ -77,6 +80,7 @@ impl Default for WorkerSection {
             max_context: 4096,
             max_input_bytes: 100 * 1024 * 1024,
             max_audio_seconds: 3600.0,
+            max_image_pixels: 50_000_000,
         }
     }
 }

@@ -322,16 +322,35 @@ pub struct Event {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum EventBody {
-    Accepted { worker: String, model: String },
-    Token { text: String },
-    Segment { segment: Segment },
+    Accepted {
+        worker: String,
+        model: String,
+    },
+    Token {
+        text: String,
+    },
+    Segment {
+        segment: Segment,
+    },
     /// One recognised OCR line, sent in reading order as soon as it is read.
     /// Lines carry a box and a confidence rather than times, so they are not
     /// `segment`s.
-    Line { line: OcrLine },
-    Progress { stage: String, done: u64, total: Option<u64> },
-    Done { result: JobResult, metrics: Metrics },
-    Failed { code: ErrorCode, message: String },
+    Line {
+        line: OcrLine,
+    },
+    Progress {
+        stage: String,
+        done: u64,
+        total: Option<u64>,
+    },
+    Done {
+        result: JobResult,
+        metrics: Metrics,
+    },
+    Failed {
+        code: ErrorCode,
+        message: String,
+    },
     Cancelled,
 }
 
@@ -362,8 +381,13 @@ pub enum FinishReason {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum JobResult {
-    Chat { text: String, finish_reason: FinishReason },
-    Ner { entities: Vec<Entity> },
+    Chat {
+        text: String,
+        finish_reason: FinishReason,
+    },
+    Ner {
+        entities: Vec<Entity>,
+    },
     Ocr {
         /// All lines in reading order: lines of one row joined by spaces, a
         /// blank line between paragraphs and between columns.
@@ -375,7 +399,11 @@ pub enum JobResult {
         height: u32,
         timings: OcrTimings,
     },
-    Asr { text: String, language: Option<String>, segments: Vec<Segment> },
+    Asr {
+        text: String,
+        language: Option<String>,
+        segments: Vec<Segment>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -512,7 +540,11 @@ mod tests {
             EventBody::Token { text: "Hel".into() },
             EventBody::Segment { segment: Segment { start: 0.0, end: 2.5, text: "hello".into() } },
             EventBody::Line {
-                line: OcrLine { text: "Total".into(), confidence: 0.9, bbox: [[1.0, 2.0], [9.0, 2.0], [9.0, 6.0], [1.0, 6.0]] },
+                line: OcrLine {
+                    text: "Total".into(),
+                    confidence: 0.9,
+                    bbox: [[1.0, 2.0], [9.0, 2.0], [9.0, 6.0], [1.0, 6.0]],
+                },
             },
             EventBody::Progress { stage: "decode".into(), done: 3, total: Some(10) },
             EventBody::Done {

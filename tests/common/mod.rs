@@ -81,6 +81,7 @@ impl InProcessWorker {
             max_context: 2048,
             max_input_bytes: 100 << 20,
             max_audio_seconds: 3600.0,
+            max_image_pixels: 50_000_000,
             drain: Duration::from_secs(5),
             name: name.to_string(),
         };

@@ -52,6 +52,26 @@ pub struct BenchAsrArgs {
 }
 
 #[derive(Args, Clone, Debug)]
+pub struct BenchOcrArgs {
+    /// Images, or directories of them; `NAME.txt` beside `NAME.png` holds the
+    /// expected text, for the character error rate.
+    #[arg(required = true)]
+    pub paths: Vec<std::path::PathBuf>,
+    /// Catalog id (default: the default OCR model).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Inference threads (0 = one per core).
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// Measured repetitions per image (after one warm-up run of each).
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Print one JSON object per image instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Clone, Debug)]
 pub struct BenchNerArgs {
     /// Catalog id (default: the default NER model).
     #[arg(long)]
@@ -201,6 +221,103 @@ fn peak_rss_mb() -> f64 {
 
 /// Transcribes files and prints the real-time factor (processing time over audio
 /// duration) of each, with its transcript.
+/// Character error rate: edit distance over the expected length, with runs of
+/// whitespace counted as one space (layouts differ in how they space words;
+/// the text is what is judged).
+pub fn character_error_rate(expected: &str, got: &str) -> f64 {
+    let norm = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ").chars().collect::<Vec<char>>();
+    let (a, b) = (norm(expected), norm(got));
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for i in 1..=a.len() {
+        let mut diagonal = row[0];
+        row[0] = i;
+        for j in 1..=b.len() {
+            let substitution = diagonal + usize::from(a[i - 1] != b[j - 1]);
+            diagonal = row[j];
+            row[j] = substitution.min(row[j] + 1).min(row[j - 1] + 1);
+        }
+    }
+    row[b.len()] as f64 / a.len().max(1) as f64
+}
+
+fn image_files(paths: &[std::path::PathBuf]) -> Result<Vec<std::path::PathBuf>, BenchError> {
+    let is_image = |p: &std::path::Path| {
+        let ext = p.extension().map(|e| e.to_string_lossy().to_lowercase()).unwrap_or_default();
+        ["png", "jpg", "jpeg", "webp", "gif", "bmp", "tif", "tiff"].contains(&ext.as_str())
+    };
+    let mut files = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            let entries =
+                std::fs::read_dir(path).map_err(|e| BenchError::Engine(format!("{}: {e}", path.display())))?;
+            let mut found: Vec<_> = entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_image(p)).collect();
+            found.sort();
+            files.extend(found);
+        } else {
+            files.push(path.clone());
+        }
+    }
+    Ok(files)
+}
+
+pub fn run_ocr(args: &BenchOcrArgs, loaded: &Loaded) -> Result<(), BenchError> {
+    use crate::ocr::{image::DEFAULT_MAX_PIXELS, OcrEngine, Variant};
+    let (entry, path) = fetched_model(loaded, args.model.as_deref(), JobKind::Ocr)?;
+    let variant = Variant::from_arch(&entry.arch).map_err(BenchError::Engine)?;
+    let engine = OcrEngine::load(&path, variant, DEFAULT_MAX_PIXELS).map_err(BenchError::Engine)?;
+    let files = image_files(&args.paths)?;
+    if !args.json {
+        println!(
+            "model {} ({}), {} threads, mean of {} runs after one warm-up",
+            entry.id,
+            path.display(),
+            args.threads,
+            args.runs
+        );
+        println!("| image | pixels | lines | ms | decode / detect / classify / recognize ms | CER | text |");
+        println!("|---|---:|---:|---:|---|---:|---|");
+    }
+    for file in files {
+        let data = std::fs::read(&file).map_err(|e| BenchError::Engine(format!("{}: {e}", file.display())))?;
+        let expected = std::fs::read_to_string(file.with_extension("txt")).ok();
+        let read =
+            || engine.read(&data, |_| {}, || false).map_err(|e| BenchError::Engine(format!("{}: {e}", file.display())));
+        let reading = read()?;
+        let started = std::time::Instant::now();
+        for _ in 0..args.runs.max(1) {
+            read()?;
+        }
+        let ms = started.elapsed().as_secs_f64() * 1e3 / args.runs.max(1) as f64;
+        let cer = expected.as_deref().map(|e| character_error_rate(e, &reading.text));
+        let name = file.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        if args.json {
+            let line = serde_json::json!({"image": name, "ms": ms, "cer": cer, "text": reading.text, "lines": reading.lines.len()});
+            println!("{line}");
+            continue;
+        }
+        let t = &reading.timings;
+        let mut text = reading.text.replace('|', "/").replace('\n', " / ");
+        if text.chars().count() > 60 {
+            text = text.chars().take(57).collect::<String>() + "...";
+        }
+        println!(
+            "| {name} | {}x{} | {} | {ms:.1} | {:.1} / {:.1} / {:.1} / {:.1} | {} | {text} |",
+            reading.width,
+            reading.height,
+            reading.lines.len(),
+            t.decode_ms,
+            t.detect_ms,
+            t.classify_ms,
+            t.recognize_ms,
+            cer.map(|c| format!("{:.2}%", c * 100.0)).unwrap_or_else(|| "-".into()),
+        );
+    }
+    if !args.json {
+        println!("peak RSS {:.0} MB", peak_rss_mb());
+    }
+    Ok(())
+}
+
 pub fn run_asr(args: &BenchAsrArgs, loaded: &Loaded) -> Result<(), BenchError> {
     use crate::asr::{transcribe::Request, AsrEngine, CLI_MAX_SECONDS};
     let (entry, path) = fetched_model(loaded, args.model.as_deref(), JobKind::Asr)?;

@@ -54,6 +54,9 @@ pub struct RunArgs {
     /// Longest audio a speech-to-text job may carry, in seconds.
     #[arg(long, env = "NATTER_MAX_AUDIO_SECONDS")]
     pub max_audio_seconds: Option<f64>,
+    /// Largest image an OCR job may carry, in pixels.
+    #[arg(long, env = "NATTER_MAX_IMAGE_PIXELS")]
+    pub max_image_pixels: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -136,6 +139,7 @@ impl RunArgs {
             max_context: self.max_context.unwrap_or(file.worker.max_context),
             max_input_bytes: self.max_input_bytes.unwrap_or(file.worker.max_input_bytes),
             max_audio_seconds: max_audio,
+            max_image_pixels: self.max_image_pixels.unwrap_or(file.worker.max_image_pixels),
             drain: Duration::from_secs_f64(drain),
             name,
         })

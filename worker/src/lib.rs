@@ -12,6 +12,7 @@ pub mod config;
 pub mod engine;
 pub mod fetch;
 pub mod ner;
+pub mod ocr;
 mod runner;
 mod service;
 #[cfg(any(test, feature = "testkit"))]
@@ -21,6 +22,7 @@ use crate::asr::AsrEngine;
 use crate::chat::ChatEngine;
 use crate::engine::EngineHandle;
 use crate::ner::NerEngine;
+use crate::ocr::{OcrEngine, Variant};
 use natter_shared::catalog::Catalog;
 use natter_shared::jetstream::{self as js_setup, JetStreamSettings};
 use natter_shared::proto::JobKind;
@@ -49,7 +51,7 @@ pub enum WorkerError {
 }
 
 /// The job kinds this worker has engines for.
-pub const SERVED_KINDS: [JobKind; 3] = [JobKind::Chat, JobKind::Ner, JobKind::Asr];
+pub const SERVED_KINDS: [JobKind; 4] = [JobKind::Chat, JobKind::Ner, JobKind::Ocr, JobKind::Asr];
 
 /// Everything [`run`] needs, already resolved from flags, env and natter.toml.
 #[derive(Clone, Debug)]
@@ -66,6 +68,8 @@ pub struct WorkerConfig {
     pub max_input_bytes: u64,
     /// Longest audio a speech-to-text job may carry.
     pub max_audio_seconds: f64,
+    /// Largest image an OCR job may carry, in pixels (checked before decoding).
+    pub max_image_pixels: u64,
     /// How long SIGTERM waits for running jobs before handing them back.
     pub drain: Duration,
     /// Shown in `accepted` events and the service API.
@@ -94,7 +98,12 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> Re
                 let max_seconds = config.max_audio_seconds;
                 EngineHandle::spawn(id, move || AsrEngine::load(&path, max_seconds)).await
             }
-            kind => return Err(WorkerError::NoEngine { id: id.clone(), kind }),
+            JobKind::Ocr => {
+                let max_pixels = config.max_image_pixels;
+                let variant = Variant::from_arch(&entry.arch)
+                    .map_err(|e| WorkerError::Load { id: id.clone(), source: engine::LoadError::Failed(e) })?;
+                EngineHandle::spawn(id, move || OcrEngine::load(&path, variant, max_pixels)).await
+            }
         }
         .map_err(|source| WorkerError::Load { id: id.clone(), source })?;
         let consumer = js_setup::job_consumer(&streams.jobs, entry.kind, id, &config.jetstream).await?;

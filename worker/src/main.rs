@@ -32,6 +32,8 @@ enum Command {
     BenchNer(natter_worker::bench::BenchNerArgs),
     /// Transcribe audio files; prints each one's real-time factor and transcript.
     BenchAsr(natter_worker::bench::BenchAsrArgs),
+    /// Read images; prints each one's latency, stage timings and character error rate.
+    BenchOcr(natter_worker::bench::BenchOcrArgs),
 }
 
 #[derive(Subcommand)]
@@ -98,6 +100,11 @@ fn main() -> anyhow::Result<()> {
         Some(Command::BenchNer(args)) => {
             set_threads(args.threads);
             natter_worker::bench::run_ner(&args, &loaded)?;
+            Ok(())
+        }
+        Some(Command::BenchOcr(args)) => {
+            set_threads(args.threads);
+            natter_worker::bench::run_ocr(&args, &loaded)?;
             Ok(())
         }
         Some(Command::BenchAsr(args)) => {

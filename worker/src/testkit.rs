@@ -7,6 +7,9 @@ use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 use std::path::Path;
 
+pub mod text_images;
+pub use text_images::render_text_png;
+
 /// GPT-2's byte-to-character map: printable bytes stand for themselves, the rest
 /// are shifted past 255, so every byte is a visible vocab entry.
 fn byte_chars() -> Vec<char> {

@@ -24,13 +24,12 @@ use detect::DetectParams;
 use geometry::Quad;
 use layout::Join;
 use natter_shared::proto::{Blob, ErrorCode, EventBody, Job, JobInput, JobResult, Metrics, OcrLine, OcrTimings};
-use net::{Dim, Net};
+use net::Net;
 use recognize::{Classifier, ClassifierInput, Recognizer, REC_HEIGHT};
 use std::path::Path;
 use std::time::Instant;
 
-/// Lines recognised per network call: lines next to each other in reading
-/// order tend to have similar widths, so little is lost to padding.
+/// Lines cut, classified and recognised between cancellation checks.
 const REC_BATCH: usize = 8;
 /// Lines the recognizer is less sure of than this are dropped as noise.
 const MIN_CONFIDENCE: f32 = 0.5;
@@ -86,21 +85,15 @@ impl OcrEngine {
         // tract multiplies matrices on rayon's global pool, which
         // RAYON_NUM_THREADS (NATTER_THREADS) sizes.
         tract_linalg::multithread::set_default_executor(tract_linalg::multithread::Executor::RayonGlobal);
-        let detector =
-            Net::load(&dir.join("det.onnx"), [Dim::Free("N"), Dim::Fixed(3), Dim::Free("H"), Dim::Free("W")])?;
-        let (cls_dims, cls_input) = match variant {
-            Variant::V5 => (
-                [Dim::Fixed(1), Dim::Fixed(3), Dim::Fixed(80), Dim::Fixed(160)],
-                ClassifierInput::Stretch { width: 160, height: 80 },
-            ),
-            Variant::V4 => (
-                [Dim::Free("N"), Dim::Fixed(3), Dim::Fixed(48), Dim::Fixed(192)],
-                ClassifierInput::Pad { width: 192, height: 48 },
-            ),
+        let detector = Net::load(&dir.join("det.onnx"), None)?;
+        let cls_input = match variant {
+            Variant::V5 => ClassifierInput::Stretch { width: 160, height: 80 },
+            Variant::V4 => ClassifierInput::Pad { width: 192, height: 48 },
         };
-        let classifier =
-            Classifier { net: Net::load(&dir.join("cls.onnx"), cls_dims)?, input: cls_input, threshold: 0.9 };
-        let rec = Net::load(&dir.join("rec.onnx"), [Dim::Free("N"), Dim::Fixed(3), Dim::Fixed(48), Dim::Free("W")])?;
+        let (w, h) = cls_input.size();
+        let cls = Net::load(&dir.join("cls.onnx"), Some([1, 3, h as usize, w as usize]))?;
+        let classifier = Classifier { net: cls, input: cls_input, threshold: 0.9 };
+        let rec = Net::load(&dir.join("rec.onnx"), None)?;
         let charset = match variant {
             Variant::V5 => {
                 let keys = std::fs::read_to_string(dir.join("keys.txt")).map_err(|e| format!("keys.txt: {e}"))?;

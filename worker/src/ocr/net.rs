@@ -1,25 +1,20 @@
 //! One ONNX network on tract.
 //!
-//! Where tract can reason about the free input sizes symbolically, one
-//! optimized plan serves every shape. DBNet's graph defeats that (it cannot
-//! prove that feature maps downsampled and upsampled again line up), so such
-//! networks get a plan per input shape, optimized on first use and kept for
-//! the shapes seen most recently: photos from one phone share a few sizes.
+//! tract runs a plan optimized for concrete shapes many times faster than one
+//! with symbolic sizes (the recognizer took 100x longer per line with a
+//! symbolic width), and for DBNet it cannot build a symbolic plan at all (it
+//! cannot prove that feature maps downsampled and upsampled again line up).
+//! So networks whose input size varies get a plan per input shape, optimized
+//! on first use (about 0.2 s) and kept for the shapes seen most recently;
+//! callers round sizes into a few buckets so that plans are reused.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::Path;
 use tract_onnx::prelude::*;
 
-/// An input dimension: fixed by the network, or free per call.
-#[derive(Clone, Copy, Debug)]
-pub enum Dim {
-    Fixed(usize),
-    Free(&'static str),
-}
-
-/// Plans kept for networks that need one per shape.
-const PLANS_KEPT: usize = 8;
+/// Plans kept per network.
+const PLANS_KEPT: usize = 24;
 
 pub struct Net {
     name: String,
@@ -29,12 +24,17 @@ pub struct Net {
 }
 
 enum Plans {
-    Symbolic(Arc<TypedRunnableModel>),
-    PerShape { model: Box<InferenceModel>, recent: RefCell<Vec<([usize; 4], Arc<TypedRunnableModel>)>> },
+    /// A network with one input shape.
+    Fixed([usize; 4], Arc<TypedRunnableModel>),
+    PerShape {
+        model: Box<InferenceModel>,
+        recent: RefCell<Vec<([usize; 4], Arc<TypedRunnableModel>)>>,
+    },
 }
 
 impl Net {
-    pub fn load(path: &Path, input: [Dim; 4]) -> Result<Net, String> {
+    /// Loads a network; `fixed` is its only input shape, if it has one.
+    pub fn load(path: &Path, fixed: Option<[usize; 4]>) -> Result<Net, String> {
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let model = tract_onnx::onnx().model_for_path(path).map_err(|e| format!("{name}: {e:#}"))?;
         let metadata = model
@@ -45,24 +45,16 @@ impl Net {
                 Some((key.to_string(), v.to_plain_array_view::<String>().ok()?.iter().next()?.clone()))
             })
             .collect();
-        let shape: TVec<TDim> = input
-            .iter()
-            .map(|d| match d {
-                Dim::Fixed(n) => TDim::from(*n),
-                Dim::Free(s) => model.sym(s).to_dim(),
-            })
-            .collect();
-        let symbolic = model
-            .clone()
-            .with_input_fact(0, InferenceFact::dt_shape(f32::datum_type(), shape))
-            .and_then(|m| m.into_optimized())
-            .and_then(|m| m.into_runnable());
-        let plans = match symbolic {
-            Ok(plan) => Plans::Symbolic(plan),
-            Err(e) => {
-                tracing::debug!("{name}: one plan per input shape ({e})");
-                Plans::PerShape { model: Box::new(model), recent: RefCell::new(Vec::new()) }
+        let plans = match fixed {
+            Some(shape) => {
+                let plan = model
+                    .with_input_fact(0, f32::fact(shape).into())
+                    .and_then(|m| m.into_optimized())
+                    .and_then(|m| m.into_runnable())
+                    .map_err(|e| format!("{name}: {e:#}"))?;
+                Plans::Fixed(shape, plan)
             }
+            None => Plans::PerShape { model: Box::new(model), recent: RefCell::new(Vec::new()) },
         };
         Ok(Net { name, plans, metadata })
     }
@@ -81,7 +73,8 @@ impl Net {
 
     fn plan_for(&self, shape: [usize; 4]) -> TractResult<Arc<TypedRunnableModel>> {
         let (model, recent) = match &self.plans {
-            Plans::Symbolic(plan) => return Ok(plan.clone()),
+            Plans::Fixed(fixed, plan) if *fixed == shape => return Ok(plan.clone()),
+            Plans::Fixed(fixed, _) => return Err(TractError::msg(format!("takes {fixed:?}, not {shape:?}"))),
             Plans::PerShape { model, recent } => (model, recent),
         };
         let mut recent = recent.borrow_mut();

@@ -43,16 +43,20 @@ pub struct Classifier {
     pub threshold: f32,
 }
 
+impl ClassifierInput {
+    pub fn size(self) -> (u32, u32) {
+        match self {
+            ClassifierInput::Stretch { width, height } | ClassifierInput::Pad { width, height } => (width, height),
+        }
+    }
+}
+
 impl Classifier {
     /// Whether each line is upside down.
     pub fn upside_down(&self, lines: &[RgbImage]) -> Result<Vec<bool>, String> {
         let mut flags = Vec::with_capacity(lines.len());
-        // PP-LCNet's graph is fixed to one image per call.
-        let batch = match self.input {
-            ClassifierInput::Stretch { .. } => 1,
-            ClassifierInput::Pad { .. } => 8,
-        };
-        for chunk in lines.chunks(batch) {
+        // One line per call: the plan is optimized for exactly that shape.
+        for chunk in lines.chunks(1) {
             let input = match self.input {
                 ClassifierInput::Stretch { width, height } => {
                     let resized: Vec<RgbImage> =
@@ -86,24 +90,31 @@ pub struct Reading {
     pub confidence: f32,
 }
 
+/// Widths lines are padded up to, so that a few optimized plans serve every
+/// line: steps of at most a quarter, so padding costs at most that much.
+const REC_WIDTHS: [u32; 21] =
+    [64, 96, 128, 160, 192, 240, 288, 352, 416, 512, 640, 768, 896, 1024, 1280, 1536, 1792, 2048, 2304, 2688, 3200];
+
 impl Recognizer {
-    /// Reads a batch of upright lines; they are padded to the widest.
+    /// Reads upright lines, one network call each.
     pub fn read(&self, lines: &[RgbImage]) -> Result<Vec<Reading>, String> {
-        let resized: Vec<RgbImage> = lines.iter().map(|l| resize_to_height(l, REC_HEIGHT, REC_MAX_WIDTH)).collect();
-        let width = resized.iter().map(|l| l.width()).max().unwrap_or(REC_HEIGHT).max(REC_HEIGHT / 2);
-        let (shape, data) = batch_tensor(&resized, width, REC_HEIGHT, Norm::Symmetric);
+        lines.iter().map(|line| self.read_one(line)).collect()
+    }
+
+    fn read_one(&self, line: &RgbImage) -> Result<Reading, String> {
+        let resized = resize_to_height(line, REC_HEIGHT, REC_MAX_WIDTH);
+        let width = REC_WIDTHS.iter().copied().find(|&w| w >= resized.width()).unwrap_or(REC_MAX_WIDTH);
+        let (shape, data) = batch_tensor(std::slice::from_ref(&resized), width, REC_HEIGHT, Norm::Symmetric);
         let (shape, probs) = self.net.run(shape, data)?;
-        let [n, steps, classes] = shape[..] else {
+        let [1, steps, classes] = shape[..] else {
             return Err(format!("the recognizer gave an output of shape {shape:?}"));
         };
-        if n != lines.len() || classes != self.charset.len() {
-            return Err(format!(
-                "the recognizer gave {n}x{classes} outputs for {} lines and {} classes",
-                lines.len(),
-                self.charset.len()
-            ));
+        if classes != self.charset.len() {
+            return Err(format!("the recognizer has {classes} classes but the charset {}", self.charset.len()));
         }
-        Ok(probs.chunks(steps * classes).map(|seq| ctc_greedy(seq, classes, &self.charset)).collect())
+        // Steps past the line's own width saw only padding.
+        let used = (steps * resized.width() as usize).div_ceil(width as usize).clamp(1, steps);
+        Ok(ctc_greedy(&probs[..used * classes], classes, &self.charset))
     }
 }
 

@@ -114,7 +114,15 @@ mod tests {
     #[test]
     fn decodes_every_supported_format() {
         let img = DynamicImage::ImageRgb8(RgbImage::from_pixel(40, 20, Rgb([10, 200, 30])));
-        for format in [ImageFormat::Png, ImageFormat::Jpeg, ImageFormat::Bmp, ImageFormat::Tiff, ImageFormat::Gif] {
+        let formats = [
+            ImageFormat::Png,
+            ImageFormat::Jpeg,
+            ImageFormat::WebP,
+            ImageFormat::Bmp,
+            ImageFormat::Tiff,
+            ImageFormat::Gif,
+        ];
+        for format in formats {
             let mut bytes = Cursor::new(Vec::new());
             img.write_to(&mut bytes, format).unwrap();
             let decoded = decode(bytes.get_ref(), DEFAULT_MAX_PIXELS).unwrap();

@@ -13,8 +13,9 @@ use std::collections::HashMap;
 use std::path::Path;
 use tract_onnx::prelude::*;
 
-/// Plans kept per network.
-const PLANS_KEPT: usize = 24;
+/// Plans kept per network. Each holds its own packed copy of the weights
+/// (up to 16 MB for the recognizer), so this bounds memory too.
+const PLANS_KEPT: usize = 16;
 
 pub struct Net {
     name: String,

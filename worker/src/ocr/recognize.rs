@@ -52,28 +52,25 @@ impl ClassifierInput {
 }
 
 impl Classifier {
-    /// Whether each line is upside down.
+    /// Whether each line is upside down; one line per call, since the plan
+    /// is optimized for exactly one image.
     pub fn upside_down(&self, lines: &[RgbImage]) -> Result<Vec<bool>, String> {
-        let mut flags = Vec::with_capacity(lines.len());
-        // One line per call: the plan is optimized for exactly that shape.
-        for chunk in lines.chunks(1) {
-            let input = match self.input {
-                ClassifierInput::Stretch { width, height } => {
-                    let resized: Vec<RgbImage> =
-                        chunk.iter().map(|l| image::imageops::resize(l, width, height, FilterType::Triangle)).collect();
-                    batch_tensor(&resized, width, height, Norm::ImageNet)
-                }
-                ClassifierInput::Pad { width, height } => {
-                    let resized: Vec<RgbImage> = chunk.iter().map(|l| resize_to_height(l, height, width)).collect();
-                    batch_tensor(&resized, width, height, Norm::Symmetric)
-                }
-            };
-            let (_, probs) = self.net.run(input.0, input.1)?;
-            for row in probs.chunks(2).take(chunk.len()) {
-                flags.push(row.len() == 2 && row[1] > row[0] && row[1] >= self.threshold);
+        lines.iter().map(|line| self.is_upside_down(line)).collect()
+    }
+
+    fn is_upside_down(&self, line: &RgbImage) -> Result<bool, String> {
+        let (shape, data) = match self.input {
+            ClassifierInput::Stretch { width, height } => {
+                let resized = image::imageops::resize(line, width, height, FilterType::Triangle);
+                batch_tensor(std::slice::from_ref(&resized), width, height, Norm::ImageNet)
             }
-        }
-        Ok(flags)
+            ClassifierInput::Pad { width, height } => {
+                let resized = resize_to_height(line, height, width);
+                batch_tensor(std::slice::from_ref(&resized), width, height, Norm::Symmetric)
+            }
+        };
+        let (_, probs) = self.net.run(shape, data)?;
+        Ok(probs.len() == 2 && probs[1] > probs[0] && probs[1] >= self.threshold)
     }
 }
 

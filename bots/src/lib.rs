@@ -5,6 +5,7 @@
 pub mod client;
 pub mod fleet;
 pub mod http;
+pub mod relay;
 pub mod store;
 
 use natter_shared::catalog::Catalog;

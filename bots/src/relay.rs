@@ -122,7 +122,8 @@ impl RelayLimits {
 /// One chat on a platform. Implementations map the platform's errors onto
 /// [`SinkError`], and treat an edit to the text a message already has ("message
 /// is not modified") as success: after [`Relay::resume`] the relay cannot know
-/// what the messages hold.
+/// what the messages hold. `send` is also where a bot records the new message
+/// in the store's job map, so that a restart resumes into it.
 pub trait Sink: Send + Sync {
     type MessageId: Clone + fmt::Debug + Send + Sync;
 
@@ -593,6 +594,14 @@ mod tests {
 
     const SECOND: Duration = Duration::from_secs(1);
 
+    /// Asserts that the calls made before `until` (while streaming) are at
+    /// least the edit interval apart.
+    fn assert_paced(calls: &[(Instant, Op)], until: Instant) {
+        for pair in calls.windows(2).filter(|pair| pair[1].0 < until) {
+            assert!(pair[1].0 - pair[0].0 >= SECOND, "calls {:?} and {:?} too close", pair[0], pair[1]);
+        }
+    }
+
     fn limits() -> RelayLimits {
         RelayLimits { typing_interval: None, max_failures: 3, ..RelayLimits::telegram() }
     }
@@ -630,9 +639,7 @@ mod tests {
         let ids = Relay::new(fake.clone(), limits()).run(timed(50, updates)).await.unwrap();
         let streamed_until = started + Duration::from_millis(50 * 400);
         let calls = fake.calls();
-        for pair in calls.windows(2).filter(|pair| pair[1].0 < streamed_until) {
-            assert!(pair[1].0 - pair[0].0 >= SECOND, "calls {:?} and {:?} too close", pair[0], pair[1]);
-        }
+        assert_paced(&calls, streamed_until);
         // Coalesced: about one call a second, not one per token.
         assert!(calls.len() <= 22, "{} calls", calls.len());
         assert!(calls.len() >= 15, "{} calls", calls.len());
@@ -712,13 +719,37 @@ mod tests {
         }));
         let last = updates.last().unwrap().clone();
         assert!(last.len() >= 10_000);
+        let streamed_until = Instant::now() + Duration::from_millis(20 * 1200);
         let ids = Relay::new(fake.clone(), limits()).run(timed(20, updates)).await.unwrap();
+        assert_paced(&fake.calls(), streamed_until);
         let shown = fake.shown();
         assert_eq!(shown.len(), 3);
         assert_eq!(ids, [0, 1, 2]);
         assert!(shown.iter().all(|m| Measure::Utf16.len(m) <= 4096));
         // Split at paragraphs, nothing lost.
         assert_eq!(shown.join("\n\n"), last.trim_end());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_streamed_code_answer_on_discord_keeps_every_message_a_whole_block() {
+        let fake = Fake::default();
+        let limits = RelayLimits { typing_interval: None, ..RelayLimits::discord() };
+        let mut pieces = vec!["Here is a program:\n\n```python\n".to_string()];
+        pieces.extend((0..150).map(|i| format!("def f{i}(x):\n    return x * {i}  # é\n")));
+        pieces.push("```\n\nRun it with `python3`.".into());
+        let updates = growing(pieces);
+        let last = updates.last().unwrap().clone();
+        assert!(last.chars().count() > 5000);
+        Relay::new(fake.clone(), limits).run(timed(30, updates)).await.unwrap();
+        let shown = fake.shown();
+        assert!(shown.len() >= 3);
+        for message in &shown {
+            assert!(message.chars().count() <= 2000);
+            assert_eq!(message.lines().filter(|l| l.starts_with("```")).count() % 2, 0, "open block:\n{message}");
+        }
+        assert!(shown[1].starts_with("```python\n"), "{}", shown[1]);
+        assert!(shown.last().unwrap().ends_with("Run it with `python3`."));
+        assert_eq!(strip(&shown.join("\n")), strip(&last));
     }
 
     #[tokio::test(start_paused = true)]
@@ -729,7 +760,9 @@ mod tests {
         // The worker died; the new attempt starts over (empty first) and is short.
         updates.push(String::new());
         updates.extend(growing(["Second", " attempt", " answer."].map(String::from)));
+        let streamed_until = Instant::now() + Duration::from_millis(50 * updates.len() as u64);
         Relay::new(fake.clone(), limits()).run(timed(50, updates)).await.unwrap();
+        assert_paced(&fake.calls(), streamed_until);
         assert_eq!(fake.shown(), ["Second attempt answer."]);
         let ops: Vec<Op> = fake.calls().into_iter().map(|(_, op)| op).collect();
         assert!(ops.contains(&Op::Delete(1)), "the second message is removed: {ops:?}");

@@ -48,8 +48,9 @@ const TITLE_CHARS: usize = 60;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// Boxed: redb's error is large, and every result of the store carries it.
     #[error("the bots' database failed: {0}")]
-    Database(#[from] redb::Error),
+    Database(Box<redb::Error>),
     #[error("a stored record is unreadable: {0}")]
     Corrupt(#[from] serde_json::Error),
     /// Also the answer for another user's conversation, so ids cannot be probed.
@@ -68,12 +69,19 @@ macro_rules! from_redb {
     ($($t:ty),*) => {$(
         impl From<$t> for StoreError {
             fn from(e: $t) -> Self {
-                StoreError::Database(e.into())
+                StoreError::Database(Box::new(e.into()))
             }
         }
     )*};
 }
-from_redb!(redb::DatabaseError, redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
+from_redb!(
+    redb::Error,
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
 
 /// A user on one platform: `telegram:123`, `discord:456`. The platform prefix
 /// keeps numeric ids of different platforms apart.
@@ -387,6 +395,30 @@ impl Store {
         .await
     }
 
+    /// Deletes one of the user's conversations and its messages; a chat it was
+    /// current in has no current conversation until the next one starts.
+    pub async fn delete_conversation(&self, user: &UserId, id: u64) -> Result<(), StoreError> {
+        let user = user.clone();
+        self.call(move |db| {
+            let tx = db.begin_write()?;
+            {
+                let mut conversations = tx.open_table(CONVERSATIONS)?;
+                let conversation = owned_conversation(&conversations, &user, id)?;
+                conversations.remove(id)?;
+                tx.open_table(USER_CONVERSATIONS)?.remove((user.as_str(), id))?;
+                tx.open_table(MESSAGES)?.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
+                let mut current = tx.open_table(CURRENT)?;
+                let scope = (user.as_str(), conversation.chat.as_str());
+                if current.get(scope)?.map(|v| v.value()) == Some(id) {
+                    current.remove(scope)?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Adds a message at the end of one of the user's conversations; an untitled
     /// conversation takes its title from its first user message.
     pub async fn append_message(
@@ -654,7 +686,7 @@ mod tests {
         assert_eq!(current.title, "Hello there");
         let messages = store.messages(&alice(), conversation.id).await.unwrap();
         assert_eq!(messages.iter().map(|m| m.content.as_str()).collect::<Vec<_>>(), ["Hello there", "Hi!"]);
-        assert_eq!(store.pending_jobs().await.unwrap(), [pending.clone()]);
+        assert_eq!(store.pending_jobs().await.unwrap(), std::slice::from_ref(&pending));
         assert_eq!(store.jobs_on(&alice(), date!(2026 - 11 - 24)).await.unwrap(), 1);
         // Conversation ids keep counting from where they were.
         let second = store.new_conversation(&alice(), "telegram:10", None).await.unwrap();
@@ -678,6 +710,7 @@ mod tests {
         assert!(refused(store.switch_conversation(&bob(), "telegram:10", theirs.id).await.map(|_| ())));
         assert!(refused(store.append_message(&bob(), theirs.id, Role::User, "x".into()).await.map(|_| ())));
         assert!(refused(store.rename_conversation(&bob(), theirs.id, "mine".into()).await.map(|_| ())));
+        assert!(refused(store.delete_conversation(&bob(), theirs.id).await));
         assert!(refused(store.record_job(job(&bob(), Some(theirs.id), &[])).await));
         assert_eq!(store.list_conversations(&bob(), "telegram:10").await.unwrap(), []);
         assert_eq!(store.current_conversation(&bob(), "telegram:10").await.unwrap(), None);
@@ -740,6 +773,26 @@ mod tests {
         assert_eq!(list[0].title, "first");
         let renamed = store.rename_conversation(&alice(), second.id, "renamed".into()).await.unwrap();
         assert_eq!(renamed.title, "renamed");
+    }
+
+    #[tokio::test]
+    async fn a_deleted_conversation_is_gone_with_its_messages() {
+        let (_dir, store) = store().await;
+        let kept = store.new_conversation(&alice(), "c", Some("kept".into())).await.unwrap();
+        store.append_message(&alice(), kept.id, Role::User, "stays".into()).await.unwrap();
+        let gone = store.new_conversation(&alice(), "c", Some("gone".into())).await.unwrap();
+        store.append_message(&alice(), gone.id, Role::User, "goes".into()).await.unwrap();
+        store.delete_conversation(&alice(), gone.id).await.unwrap();
+        assert!(matches!(store.messages(&alice(), gone.id).await, Err(StoreError::NoSuchConversation(_))));
+        assert!(matches!(store.delete_conversation(&alice(), gone.id).await, Err(StoreError::NoSuchConversation(_))));
+        assert_eq!(store.current_conversation(&alice(), "c").await.unwrap(), None);
+        let listed = store.list_conversations(&alice(), "c").await.unwrap();
+        assert_eq!(listed.iter().map(|c| c.title.as_str()).collect::<Vec<_>>(), ["kept"]);
+        assert_eq!(store.messages(&alice(), kept.id).await.unwrap().len(), 1);
+        // Deleting a conversation that is not current leaves the current one.
+        let third = store.new_conversation(&alice(), "c", None).await.unwrap();
+        store.delete_conversation(&alice(), kept.id).await.unwrap();
+        assert_eq!(store.current_conversation(&alice(), "c").await.unwrap().unwrap().id, third.id);
     }
 
     #[tokio::test]

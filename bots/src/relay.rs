@@ -107,6 +107,12 @@ impl RelayLimits {
         }
     }
 
+    /// Telegram in a group or channel, where a bot may send about 20 messages
+    /// a minute: one call every 3 s.
+    pub fn telegram_group() -> Self {
+        RelayLimits { min_edit_interval: Duration::from_secs(3), ..Self::telegram() }
+    }
+
     /// Discord: 2000 characters; 5 edits per 5 s per channel; "typing" shows for 10 s.
     pub fn discord() -> Self {
         RelayLimits {

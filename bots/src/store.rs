@@ -60,6 +60,8 @@ pub enum StoreError {
     JobNotYours(Uuid),
     #[error("the store is closed")]
     Closed,
+    #[error("cannot create the store's folder {}: {source}", path.display())]
+    Folder { path: std::path::PathBuf, source: std::io::Error },
     #[error("cannot start the store's thread: {0}")]
     Thread(std::io::Error),
 }
@@ -185,7 +187,8 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (or creates) the database file and starts its thread.
+    /// Opens (or creates) the database file and starts its thread. One process
+    /// at a time: redb locks the file.
     pub async fn open(path: impl AsRef<Path>) -> Result<Store, StoreError> {
         let path = path.as_ref().to_path_buf();
         let (requests, mut queue) = mpsc::channel::<Command>(QUEUE);
@@ -561,8 +564,12 @@ impl Store {
     }
 }
 
-/// Opens the file and creates every table, so reads never meet a missing one.
+/// Opens the file (and its folder, on the first start) and creates every
+/// table, so reads never meet a missing one.
 fn open_db(path: &Path) -> Result<Database, StoreError> {
+    if let Some(folder) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(folder).map_err(|source| StoreError::Folder { path: folder.to_owned(), source })?;
+    }
     let db = Database::create(path)?;
     let tx = db.begin_write()?;
     tx.open_table(USERS)?;
@@ -659,8 +666,10 @@ mod tests {
     #[tokio::test]
     async fn everything_survives_closing_and_reopening() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("bots.redb");
+        let path = dir.path().join("data").join("bots.redb");
         let store = Store::open(&path).await.unwrap();
+        // A second opener is refused while the first holds the file.
+        assert!(matches!(Store::open(&path).await, Err(StoreError::Database(_))));
         let settings = Settings {
             model: Some("qwen3-0.6b".into()),
             system_prompt: Some("Be brief.".into()),

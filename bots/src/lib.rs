@@ -7,6 +7,7 @@ pub mod fleet;
 pub mod http;
 pub mod relay;
 pub mod store;
+pub mod telegram;
 
 use natter_shared::catalog::Catalog;
 use natter_shared::jetstream::JetStreamSettings;

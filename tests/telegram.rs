@@ -9,8 +9,8 @@ mod fake_telegram;
 use common::*;
 use fake_telegram::{retry_after, FakeTelegram};
 use natter_bots::relay::RelayLimits;
-use natter_bots::store::Store;
-use natter_bots::telegram::{run, TelegramConfig};
+use natter_bots::telegram::TelegramConfig;
+use natter_bots::BotsConfig;
 use std::time::Duration;
 use tokio::sync::oneshot;
 
@@ -22,23 +22,33 @@ struct Bot {
 }
 
 impl Bot {
+    /// The front-end process as `natter-bots` runs it (HTTP and Telegram
+    /// together), with the Bot API pointed at the fake.
     async fn start(stack: &Stack, fake: &FakeTelegram, store: &std::path::Path) -> Bot {
-        let config = TelegramConfig {
+        let telegram = TelegramConfig {
             token: "123456:TEST".into(),
             api_url: Some(fake.url.clone()),
             poll_timeout: Duration::from_secs(1),
             limits: RelayLimits { min_edit_interval: EDIT_INTERVAL, ..RelayLimits::telegram() },
             default_model: Some(REAL_MODEL.into()),
         };
-        let client = stack.job_client().await;
-        let store = Store::open(store).await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let config = BotsConfig {
+            nats_url: stack.nats.url(),
+            jetstream: Default::default(),
+            catalog: natter_shared::catalog::Catalog::load(&repo_root().join("config/models.toml")).unwrap(),
+            http_addr: listener.local_addr().unwrap(),
+            job_timeout: Duration::from_secs(300),
+            max_upload: natter_bots::DEFAULT_MAX_UPLOAD,
+            telegram: Some((telegram, store.to_path_buf())),
+        };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            run(config, client, store, async {
+            natter_bots::serve(listener, config, async {
                 let _ = stopped.await;
             })
             .await
-            .expect("the bot runs");
+            .expect("the front-ends run");
         });
         Bot { stop: Some(stop), task }
     }
@@ -121,4 +131,28 @@ async fn retry_after_is_honoured_and_the_answer_still_arrives_whole() {
 async fn settle_after_answer(fake: &FakeTelegram, chat: i64) {
     fake.wait_for(chat, Duration::from_secs(120), |texts| !texts.is_empty()).await;
     settle(fake, Duration::from_secs(4)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_users_get_their_own_answers_and_a_new_conversation_on_request() {
+    let stack = Stack::start(&[REAL_MODEL]).await;
+    let fake = FakeTelegram::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let bot = Bot::start(&stack, &fake, &dir.path().join("bot.redb")).await;
+
+    fake.user_says(101, "What is the capital of France?");
+    fake.user_says(202, "What is the capital of Italy?");
+    fake.wait_for(101, Duration::from_secs(120), |t| t.iter().any(|t| t.contains("Paris"))).await;
+    fake.wait_for(202, Duration::from_secs(120), |t| t.iter().any(|t| t.contains("Rome"))).await;
+    fake.user_says(101, "/new");
+    fake.wait_for(101, Duration::from_secs(30), |t| t.iter().any(|t| t.contains("new conversation"))).await;
+    settle(&fake, Duration::from_secs(2)).await;
+    bot.stop().await;
+
+    // Each chat saw only its own answer.
+    assert!(fake.chat_texts(202).iter().all(|t| !t.contains("Paris")));
+    assert!(fake.chat_texts(101).iter().all(|t| !t.contains("Rome")));
+    let chats: std::collections::BTreeSet<i64> =
+        fake.calls().iter().filter_map(|c| c.params["chat_id"].as_i64()).collect();
+    assert_eq!(chats, [101, 202].into());
 }

@@ -1,6 +1,7 @@
-//! natter-bots: the front-ends. This scope is the HTTP front-end (the
-//! OpenAI-compatible API and the dashboard); every front-end shares the
-//! [`client::JobClient`] and the [`fleet::Fleet`] discovery.
+//! natter-bots: the front-ends: the HTTP front-end (the OpenAI-compatible API
+//! and the dashboard) and the Telegram bot. Every front-end shares the
+//! [`client::JobClient`] and the [`fleet::Fleet`] discovery; the bots share the
+//! [`relay`] and the [`store`].
 
 pub mod client;
 pub mod fleet;
@@ -24,6 +25,10 @@ pub enum BotsError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("the HTTP server failed: {0}")]
     Serve(std::io::Error),
+    #[error("cannot open the conversation store: {0}")]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Telegram(#[from] telegram::TelegramError),
 }
 
 #[derive(Clone, Debug)]
@@ -35,6 +40,8 @@ pub struct BotsConfig {
     pub job_timeout: Duration,
     /// Largest file (audio, an image) the upload endpoints accept, in bytes.
     pub max_upload: usize,
+    /// The Telegram bot, when a token is configured, and its store.
+    pub telegram: Option<(telegram::TelegramConfig, std::path::PathBuf)>,
 }
 
 /// OpenAI's limit on audio uploads, so clients written for it fit; photos fit too.
@@ -76,6 +83,16 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), BotsError> {
     let jobs = client::JobClient::connect(&config.nats_url, &config.jetstream).await?;
+    // Both front-ends stop on the same signal.
+    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
+    let telegram = match config.telegram {
+        Some((telegram_config, store_path)) => {
+            let store = store::Store::open(&store_path).await?;
+            let (jobs, shutdown) = (jobs.clone(), shutdown.clone());
+            Some(tokio::spawn(telegram::run(telegram_config, jobs, store, shutdown)))
+        }
+        None => None,
+    };
     let state = http::AppState {
         fleet: fleet::Fleet::new(jobs.nats().clone()),
         jobs,
@@ -85,7 +102,14 @@ pub async fn serve(
     };
     let addr = listener.local_addr().map_err(BotsError::Serve)?;
     tracing::info!("dashboard and API on http://{addr}/");
-    axum::serve(listener, http::app(state)).with_graceful_shutdown(shutdown).await.map_err(BotsError::Serve)
+    axum::serve(listener, http::app(state)).with_graceful_shutdown(shutdown).await.map_err(BotsError::Serve)?;
+    if let Some(telegram) = telegram {
+        match telegram.await {
+            Ok(result) => result?,
+            Err(e) => tracing::error!("the telegram bot task failed: {e}"),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! `natter-bots`: the front-ends (HTTP API and dashboard).
+//! `natter-bots`: the front-ends (HTTP API and dashboard, Telegram bot).
 
 use clap::Parser;
 use natter_shared::catalog::Catalog;
@@ -29,6 +29,15 @@ struct Cli {
     #[arg(long, env = "NATTER_MAX_UPLOAD", value_parser = natter_bots::parse_size,
           default_value_t = natter_bots::DEFAULT_MAX_UPLOAD)]
     max_upload: usize,
+    /// Telegram bot token (from @BotFather); the bot runs when one is given.
+    #[arg(long, env = "TELEGRAM_BOT_TOKEN", hide_env_values = true)]
+    telegram_token: Option<String>,
+    /// Telegram Bot API base URL.
+    #[arg(long, env = "NATTER_TELEGRAM_API_URL")]
+    telegram_api_url: Option<String>,
+    /// The Telegram bot's redb file (users, settings, conversations).
+    #[arg(long, env = "NATTER_TELEGRAM_STORE")]
+    telegram_store: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -40,6 +49,21 @@ fn main() -> anyhow::Result<()> {
     let timeout = cli.job_timeout.unwrap_or(file.http.job_timeout_secs);
     anyhow::ensure!(timeout.is_finite() && timeout > 0.0, "--job-timeout must be positive seconds");
     anyhow::ensure!(cli.max_upload > 0, "--max-upload must be at least one byte");
+    let token = cli.telegram_token.unwrap_or(file.telegram.token.clone());
+    let telegram = if token.trim().is_empty() {
+        None
+    } else {
+        let url = cli.telegram_api_url.unwrap_or(file.telegram.api_url.clone());
+        let api_url = url.parse().map_err(|e| anyhow::anyhow!("--telegram-api-url `{url}`: {e}"))?;
+        let bot = natter_bots::telegram::TelegramConfig {
+            token: token.trim().to_string(),
+            api_url: Some(api_url),
+            poll_timeout: Duration::from_secs(30),
+            limits: natter_bots::relay::RelayLimits::telegram(),
+            default_model: catalog.default_for(natter_shared::proto::JobKind::Chat).map(|m| m.id.clone()),
+        };
+        Some((bot, cli.telegram_store.unwrap_or(file.telegram.store.clone())))
+    };
     let config = natter_bots::BotsConfig {
         nats_url: cli.nats_url.unwrap_or(file.nats.url),
         jetstream: file.jetstream,
@@ -47,6 +71,7 @@ fn main() -> anyhow::Result<()> {
         http_addr: cli.http_addr.unwrap_or(file.http.addr),
         job_timeout: Duration::from_secs_f64(timeout),
         max_upload: cli.max_upload,
+        telegram,
     };
     tokio::runtime::Runtime::new()?.block_on(natter_bots::run(config, natter_shared::shutdown::signal()))?;
     Ok(())

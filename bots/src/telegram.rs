@@ -20,7 +20,7 @@ use teloxide::prelude::Requester;
 use teloxide::types::{ChatAction, ChatId, MessageId, ParseMode, UpdateKind};
 use teloxide::{ApiError, Bot, RequestError};
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct TelegramConfig {
     pub token: String,
     /// The Bot API's base URL; the tests point it at a fake server.
@@ -30,6 +30,19 @@ pub struct TelegramConfig {
     pub limits: RelayLimits,
     /// The catalog's default chat model, used when the fleet serves it.
     pub default_model: Option<String>,
+}
+
+/// Leaves the token out, so a logged config never leaks it.
+impl std::fmt::Debug for TelegramConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TelegramConfig")
+            .field("token", &"<hidden>")
+            .field("api_url", &self.api_url.as_ref().map(|u| u.as_str()))
+            .field("poll_timeout", &self.poll_timeout)
+            .field("limits", &self.limits)
+            .field("default_model", &self.default_model)
+            .finish()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -23,6 +23,29 @@ pub struct FileConfig {
     pub models: ModelsSection,
     pub worker: WorkerSection,
     pub http: HttpSection,
+    pub telegram: TelegramSection,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelegramSection {
+    /// The bot's token from @BotFather; empty leaves the Telegram bot off.
+    /// Better kept in the environment (TELEGRAM_BOT_TOKEN) than in a file.
+    pub token: String,
+    /// The Bot API's base URL (a local Bot API server, or a fake in tests).
+    pub api_url: String,
+    /// The redb file holding users, settings and conversations.
+    pub store: std::path::PathBuf,
+}
+
+impl Default for TelegramSection {
+    fn default() -> Self {
+        TelegramSection {
+            token: String::new(),
+            api_url: "https://api.telegram.org/".into(),
+            store: "data/telegram.redb".into(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -178,6 +178,7 @@ pub async fn start_http(nats: &NatsServer, catalog: Catalog) -> (String, oneshot
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let config = natter_bots::BotsConfig {
+        telegram: None,
         nats_url: nats.url(),
         jetstream: JetStreamSettings::default(),
         catalog,

@@ -10,6 +10,7 @@
 //! a corrupt file comes back as its `bad_input` failure (400).
 
 use super::error::ApiError;
+use super::followed::{self, Running};
 use super::openai::{resolve_model, CancelOnDrop};
 use super::sse::{error_event, json_event};
 use super::upload::{declared_type, extension, form_error, read_file};
@@ -25,7 +26,6 @@ use futures::{Stream, StreamExt};
 use natter_shared::proto::{AsrInput, AsrTask, Job, JobInput, JobKind, Metrics, Origin, Segment};
 use serde_json::{json, Value};
 use std::convert::Infallible;
-use std::pin::Pin;
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -197,16 +197,7 @@ fn language_hint(raw: Option<&str>) -> Result<Option<String>, ApiError> {
     }
 }
 
-/// A submitted job being followed.
-struct Running {
-    id: Uuid,
-    model: String,
-    updates: Pin<Box<dyn Stream<Item = AsrUpdate> + Send>>,
-    guard: CancelOnDrop,
-    deadline: tokio::time::Instant,
-}
-
-async fn submit(state: &AppState, form: AudioForm, task: AsrTask) -> Result<Running, ApiError> {
+async fn submit(state: &AppState, form: AudioForm, task: AsrTask) -> Result<Running<AsrUpdate>, ApiError> {
     // The hint names the spoken language, so it helps translation as well.
     let language = language_hint(form.language.as_deref())?;
     let requested = form.model.as_deref().map(str::trim).filter(|m| *m != OPENAI_MODEL_ALIAS);
@@ -340,69 +331,28 @@ fn vtt(segments: &[Segment]) -> String {
 /// retried attempt replaces the segments so far, then one `done` or `error`.
 fn sse_events(
     first: AsrUpdate,
-    job: Running,
+    job: Running<AsrUpdate>,
     task: AsrTask,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send {
-    struct S {
-        job: Running,
-        pending: Option<AsrUpdate>,
-        task: AsrTask,
-        /// Segments sent in this attempt, numbering the next one.
-        sent: usize,
-        ended: bool,
-    }
-    let state = S { job, pending: Some(first), task, sent: 0, ended: false };
-    futures::stream::unfold(state, |mut s| async move {
-        if s.ended {
-            return None;
+    // Segments sent in this attempt, numbering the next one.
+    let mut sent = 0;
+    followed::sse_events(first, job, move |update, id, model| match update {
+        AsrUpdate::Segment(segment) => {
+            sent += 1;
+            Some(json_event("segment", segment_json(sent - 1, &segment)))
         }
-        loop {
-            let update = match s.pending.take() {
-                Some(update) => Some(update),
-                None => match tokio::time::timeout_at(s.job.deadline, s.job.updates.next()).await {
-                    Ok(update) => update,
-                    Err(_) => {
-                        // Still armed: dropping the stream cancels the job.
-                        s.ended = true;
-                        return Some((error_event(&ApiError::timeout()), s));
-                    }
-                },
-            };
-            let event = match update {
-                None => {
-                    s.ended = true;
-                    error_event(&ApiError::unavailable("lost the job's event stream"))
-                }
-                Some(AsrUpdate::Segment(segment)) => {
-                    s.sent += 1;
-                    json_event("segment", segment_json(s.sent - 1, &segment))
-                }
-                Some(AsrUpdate::Restart { attempt }) => {
-                    s.sent = 0;
-                    json_event("restart", json!({ "attempt": attempt }))
-                }
-                Some(AsrUpdate::Done { text, language, segments, metrics }) => {
-                    s.job.guard.armed = false;
-                    s.ended = true;
-                    let t = Transcript { task: s.task, text, language, segments, metrics };
-                    json_event("done", done_json(&t, s.job.id, &s.job.model))
-                }
-                Some(AsrUpdate::Failed { code, message }) => {
-                    s.job.guard.armed = false;
-                    s.ended = true;
-                    error_event(&ApiError::from_job(code, message))
-                }
-                Some(AsrUpdate::Cancelled) => {
-                    s.job.guard.armed = false;
-                    s.ended = true;
-                    error_event(&ApiError::cancelled())
-                }
-                Some(AsrUpdate::Accepted { .. }) => continue,
-            };
-            return Some((event, s));
+        AsrUpdate::Restart { attempt } => {
+            sent = 0;
+            Some(json_event("restart", json!({ "attempt": attempt })))
         }
+        AsrUpdate::Done { text, language, segments, metrics } => {
+            let t = Transcript { task, text, language, segments, metrics };
+            Some(json_event("done", done_json(&t, id, model)))
+        }
+        AsrUpdate::Failed { code, message } => Some(error_event(&ApiError::from_job(code, message))),
+        AsrUpdate::Cancelled => Some(error_event(&ApiError::cancelled())),
+        AsrUpdate::Accepted { .. } => None,
     })
-    .map(Ok)
 }
 
 /// The `done` event: the transcript and what it cost, with the real-time factor

@@ -3,6 +3,7 @@
 mod audio;
 mod dashboard;
 pub mod error;
+mod followed;
 mod ner;
 mod ocr;
 pub mod openai;

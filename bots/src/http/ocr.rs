@@ -14,6 +14,7 @@
 //! `height` give that space, so a viewer scales boxes from it to what it shows.
 
 use super::error::ApiError;
+use super::followed::{self, Running};
 use super::openai::{resolve_model, CancelOnDrop};
 use super::sse::{error_event, json_event};
 use super::upload::{declared_type, extension, form_error, read_file};
@@ -28,7 +29,6 @@ use futures::{Stream, StreamExt};
 use natter_shared::proto::{Job, JobInput, JobKind, Metrics, OcrInput, OcrLine, OcrTimings, Origin};
 use serde_json::{json, Value};
 use std::convert::Infallible;
-use std::pin::Pin;
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -141,16 +141,7 @@ fn image_content_type(declared: Option<&str>, file_name: Option<&str>) -> String
     .into()
 }
 
-/// A submitted job being followed.
-struct Running {
-    id: Uuid,
-    model: String,
-    updates: Pin<Box<dyn Stream<Item = OcrUpdate> + Send>>,
-    guard: CancelOnDrop,
-    deadline: tokio::time::Instant,
-}
-
-async fn submit(state: &AppState, form: ImageForm) -> Result<Running, ApiError> {
+async fn submit(state: &AppState, form: ImageForm) -> Result<Running<OcrUpdate>, ApiError> {
     let model = resolve_model(state, form.model.as_deref(), JobKind::Ocr).await?;
     let image = state.jobs.put_blob(form.image, &form.content_type).await?;
     let origin = Origin { frontend: "http".into(), user: "anonymous".into(), conversation: None };
@@ -204,66 +195,26 @@ fn line_json(id: usize, line: &OcrLine) -> Value {
 
 /// The stream after its first update: `line` events, a `restart` when a
 /// retried attempt replaces the lines so far, then one `done` or `error`.
-fn sse_events(first: OcrUpdate, job: Running) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send {
-    struct S {
-        job: Running,
-        pending: Option<OcrUpdate>,
-        /// Lines sent in this attempt, numbering the next one.
-        sent: usize,
-        ended: bool,
-    }
-    let state = S { job, pending: Some(first), sent: 0, ended: false };
-    futures::stream::unfold(state, |mut s| async move {
-        if s.ended {
-            return None;
+fn sse_events(first: OcrUpdate, job: Running<OcrUpdate>) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send {
+    // Lines sent in this attempt, numbering the next one.
+    let mut sent = 0;
+    followed::sse_events(first, job, move |update, id, model| match update {
+        OcrUpdate::Line(line) => {
+            sent += 1;
+            Some(json_event("line", line_json(sent - 1, &line)))
         }
-        loop {
-            let update = match s.pending.take() {
-                Some(update) => Some(update),
-                None => match tokio::time::timeout_at(s.job.deadline, s.job.updates.next()).await {
-                    Ok(update) => update,
-                    Err(_) => {
-                        // Still armed: dropping the stream cancels the job.
-                        s.ended = true;
-                        return Some((error_event(&ApiError::timeout()), s));
-                    }
-                },
-            };
-            let event = match update {
-                None => {
-                    s.ended = true;
-                    error_event(&ApiError::unavailable("lost the job's event stream"))
-                }
-                Some(OcrUpdate::Line(line)) => {
-                    s.sent += 1;
-                    json_event("line", line_json(s.sent - 1, &line))
-                }
-                Some(OcrUpdate::Restart { attempt }) => {
-                    s.sent = 0;
-                    json_event("restart", json!({ "attempt": attempt }))
-                }
-                Some(OcrUpdate::Done { text, lines, width, height, timings, metrics }) => {
-                    s.job.guard.armed = false;
-                    s.ended = true;
-                    let reading = Reading { text, lines, width, height, timings, metrics };
-                    json_event("done", reading.json(s.job.id, &s.job.model))
-                }
-                Some(OcrUpdate::Failed { code, message }) => {
-                    s.job.guard.armed = false;
-                    s.ended = true;
-                    error_event(&ApiError::from_job(code, message))
-                }
-                Some(OcrUpdate::Cancelled) => {
-                    s.job.guard.armed = false;
-                    s.ended = true;
-                    error_event(&ApiError::cancelled())
-                }
-                Some(OcrUpdate::Accepted { .. }) => continue,
-            };
-            return Some((event, s));
+        OcrUpdate::Restart { attempt } => {
+            sent = 0;
+            Some(json_event("restart", json!({ "attempt": attempt })))
         }
+        OcrUpdate::Done { text, lines, width, height, timings, metrics } => {
+            let reading = Reading { text, lines, width, height, timings, metrics };
+            Some(json_event("done", reading.json(id, model)))
+        }
+        OcrUpdate::Failed { code, message } => Some(error_event(&ApiError::from_job(code, message))),
+        OcrUpdate::Cancelled => Some(error_event(&ApiError::cancelled())),
+        OcrUpdate::Accepted { .. } => None,
     })
-    .map(Ok)
 }
 
 #[cfg(test)]

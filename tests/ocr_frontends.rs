@@ -5,6 +5,7 @@
 mod common;
 
 use common::*;
+use natter_worker::bench::character_error_rate;
 use natter_worker::testkit::render_text_png;
 use serde_json::Value;
 use std::process::Command;
@@ -16,23 +17,6 @@ const LINES: [&str; 3] = ["Invoice 2024-117", "Total due: 58.90 EUR", "Thank you
 fn png_size(png: &[u8]) -> (u64, u64) {
     let be = |at: usize| u64::from(u32::from_be_bytes(png[at..at + 4].try_into().unwrap()));
     (be(16), be(20))
-}
-
-/// Character edit distance over the expected length, whitespace runs counted as one space.
-fn character_error_rate(expected: &str, got: &str) -> f64 {
-    let norm = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ").chars().collect::<Vec<_>>();
-    let (e, g) = (norm(expected), norm(got));
-    let mut row: Vec<usize> = (0..=g.len()).collect();
-    for i in 1..=e.len() {
-        let mut prev = row[0];
-        row[0] = i;
-        for j in 1..=g.len() {
-            let substitute = prev + usize::from(e[i - 1] != g[j - 1]);
-            prev = row[j];
-            row[j] = substitute.min(row[j] + 1).min(row[j - 1] + 1);
-        }
-    }
-    row[g.len()] as f64 / e.len() as f64
 }
 
 /// A multipart/form-data body of `(field, file name, bytes)` parts (a part

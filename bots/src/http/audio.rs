@@ -96,23 +96,12 @@ pub async fn transcribe_stream(
         }
     };
     let mut job = submit(&state, form, task).await?;
-    let first = loop {
-        let update =
-            tokio::time::timeout_at(job.deadline, job.updates.next()).await.map_err(|_| ApiError::timeout())?;
-        match update {
-            None => return Err(ApiError::unavailable("lost the job's event stream")),
-            Some(AsrUpdate::Failed { code, message }) => {
-                job.guard.armed = false;
-                return Err(ApiError::from_job(code, message));
-            }
-            Some(AsrUpdate::Cancelled) => {
-                job.guard.armed = false;
-                return Err(ApiError::cancelled());
-            }
-            Some(u @ (AsrUpdate::Segment(_) | AsrUpdate::Done { .. })) => break u,
-            Some(AsrUpdate::Accepted { .. } | AsrUpdate::Restart { .. }) => {}
-        }
-    };
+    let first = followed::first_shown(&mut job, |update| match update {
+        AsrUpdate::Failed { code, message } => Err(ApiError::from_job(code, message)),
+        AsrUpdate::Cancelled => Err(ApiError::cancelled()),
+        update => Ok(update),
+    })
+    .await?;
     let events = sse_events(first, job, task);
     Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response())
 }

@@ -21,6 +21,27 @@ pub(super) struct Running<U> {
     pub deadline: tokio::time::Instant,
 }
 
+/// Waits for the first update worth showing (a partial result or the end),
+/// so a job that fails at once becomes a real HTTP error rather than a stream
+/// that opens only to report one. `failure` names the updates that are errors.
+pub(super) async fn first_shown<U: JobUpdate>(
+    job: &mut Running<U>,
+    failure: impl Fn(U) -> Result<U, ApiError>,
+) -> Result<U, ApiError> {
+    loop {
+        let update =
+            tokio::time::timeout_at(job.deadline, job.updates.next()).await.map_err(|_| ApiError::timeout())?;
+        let update = update.ok_or_else(|| ApiError::unavailable("lost the job's event stream"))?;
+        if update.is_terminal() {
+            job.guard.armed = false;
+        }
+        let update = failure(update)?;
+        if update.is_partial() || update.is_terminal() {
+            return Ok(update);
+        }
+    }
+}
+
 /// The stream after its first update: whatever `render` makes of each update
 /// (`None` skips it) until a terminal one, which disarms the cancel guard and
 /// ends the stream. A deadline passed or a lost event stream ends it with an

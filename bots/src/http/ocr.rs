@@ -70,23 +70,12 @@ pub async fn ocr_stream(
 ) -> Result<Response, ApiError> {
     let form = read_form(form, state.max_upload).await?;
     let mut job = submit(&state, form).await?;
-    let first = loop {
-        let update =
-            tokio::time::timeout_at(job.deadline, job.updates.next()).await.map_err(|_| ApiError::timeout())?;
-        match update {
-            None => return Err(ApiError::unavailable("lost the job's event stream")),
-            Some(OcrUpdate::Failed { code, message }) => {
-                job.guard.armed = false;
-                return Err(ApiError::from_job(code, message));
-            }
-            Some(OcrUpdate::Cancelled) => {
-                job.guard.armed = false;
-                return Err(ApiError::cancelled());
-            }
-            Some(u @ (OcrUpdate::Line(_) | OcrUpdate::Done { .. })) => break u,
-            Some(OcrUpdate::Accepted { .. } | OcrUpdate::Restart { .. }) => {}
-        }
-    };
+    let first = followed::first_shown(&mut job, |update| match update {
+        OcrUpdate::Failed { code, message } => Err(ApiError::from_job(code, message)),
+        OcrUpdate::Cancelled => Err(ApiError::cancelled()),
+        update => Ok(update),
+    })
+    .await?;
     let events = sse_events(first, job);
     Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response())
 }

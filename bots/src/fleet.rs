@@ -77,8 +77,9 @@ pub async fn discover(client: &async_nats::Client, wait: Duration) -> Vec<Worker
     loop {
         let next = tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + quiet), replies.next()).await;
         let Ok(Some(msg)) = next else { break };
-        // After the first reply, stop as soon as the others go quiet.
-        quiet = Duration::from_millis(60);
+        // After the first reply, stop once the others go quiet (a busy worker on a
+        // loaded machine can answer a little later than the first).
+        quiet = Duration::from_millis(150);
         let Ok(info) = serde_json::from_slice::<ServiceInfo>(&msg.payload) else { continue };
         let list = |key: &str| -> Vec<String> {
             info.metadata

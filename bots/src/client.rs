@@ -4,9 +4,9 @@ use async_nats::jetstream::object_store::ObjectStore;
 use async_nats::jetstream::{self, consumer, stream};
 use futures::{Stream, StreamExt};
 use natter_shared::blob::BlobError;
-use natter_shared::jetstream::{ensure_streams, JetStreamSettings};
+use natter_shared::jetstream::{consumer_name, ensure_streams, JetStreamSettings, JOBS_STREAM};
 use natter_shared::proto::{
-    Blob, ErrorCode, Event, EventBody, FinishReason, Job, JobResult, Metrics, OcrLine, OcrTimings, Segment,
+    Blob, ErrorCode, Event, EventBody, FinishReason, Job, JobKind, JobResult, Metrics, OcrLine, OcrTimings, Segment,
 };
 use natter_shared::subjects;
 use uuid::Uuid;
@@ -56,6 +56,21 @@ impl JobClient {
     pub async fn submit(&self, job: &Job) -> Result<(), ClientError> {
         let payload = serde_json::to_vec(job).map_err(|e| ClientError::Submit(e.to_string()))?;
         self.publish_stored(subjects::job(job.kind(), &job.model), payload.into()).await.map_err(ClientError::Submit)
+    }
+
+    /// How many jobs for `model` are waiting for a worker, this one included
+    /// when it is still waiting: the position a "queued" notice shows. `None`
+    /// when no worker has ever bound the model's queue, or NATS cannot say.
+    pub async fn queue_position(&self, kind: JobKind, model: &str) -> Option<u64> {
+        let jobs = self.js.get_stream(JOBS_STREAM).await.ok()?;
+        let info = jobs.consumer_info(consumer_name(kind, model)).await.ok()?;
+        Some(info.num_pending)
+    }
+
+    /// Jobs in the work queues, waiting or running, over every model.
+    pub async fn queue_depth(&self) -> Option<u64> {
+        let mut jobs = self.js.get_stream(JOBS_STREAM).await.ok()?;
+        Some(jobs.info().await.ok()?.state.messages)
     }
 
     /// Wraps a binary input (audio, an image) for a job: inline when small,

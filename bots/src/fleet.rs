@@ -17,6 +17,8 @@ pub struct WorkerInfo {
     pub version: String,
     pub kinds: Vec<JobKind>,
     pub models: Vec<String>,
+    /// Each served model with its kind.
+    pub served: Vec<(JobKind, String)>,
 }
 
 #[derive(Deserialize)]
@@ -54,8 +56,14 @@ impl Fleet {
 
     /// Models some live worker serves for `kind`, sorted, without duplicates.
     pub async fn models(&self, kind: JobKind) -> Vec<String> {
-        let mut models: Vec<String> =
-            self.workers().await.into_iter().filter(|w| w.kinds.contains(&kind)).flat_map(|w| w.models).collect();
+        let mut models: Vec<String> = self
+            .workers()
+            .await
+            .into_iter()
+            .flat_map(|w| w.served)
+            .filter(|(served_kind, _)| *served_kind == kind)
+            .map(|(_, model)| model)
+            .collect();
         models.sort();
         models.dedup();
         models
@@ -91,6 +99,11 @@ pub async fn discover(client: &async_nats::Client, wait: Duration) -> Vec<Worker
             name: info.metadata.get("worker").cloned().unwrap_or_else(|| info.id.clone()),
             kinds: list("kinds").iter().filter_map(|k| k.parse().ok()).collect(),
             models: list("models"),
+            served: list("served")
+                .iter()
+                .filter_map(|pair| pair.split_once(':'))
+                .filter_map(|(kind, model)| Some((kind.parse().ok()?, model.to_string())))
+                .collect(),
             id: info.id,
             version: info.version,
         });

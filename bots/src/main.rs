@@ -38,6 +38,15 @@ struct Cli {
     /// The Telegram bot's redb file (users, settings, conversations).
     #[arg(long, env = "NATTER_TELEGRAM_STORE")]
     telegram_store: Option<PathBuf>,
+    /// Telegram user ids or usernames allowed to use the bot, comma-separated; empty lets everyone in.
+    #[arg(long, env = "NATTER_TELEGRAM_ALLOW", value_delimiter = ',')]
+    telegram_allow: Option<Vec<String>>,
+    /// Telegram user ids of the bot's admins (always let in, get /stats), comma-separated.
+    #[arg(long, env = "NATTER_TELEGRAM_ADMINS", value_delimiter = ',')]
+    telegram_admins: Option<Vec<u64>>,
+    /// Jobs one Telegram user may start per day (UTC); 0 is no limit.
+    #[arg(long, env = "NATTER_TELEGRAM_DAILY_QUOTA")]
+    telegram_daily_quota: Option<u64>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -55,12 +64,21 @@ fn main() -> anyhow::Result<()> {
     } else {
         let url = cli.telegram_api_url.unwrap_or(file.telegram.api_url.clone());
         let api_url = url.parse().map_err(|e| anyhow::anyhow!("--telegram-api-url `{url}`: {e}"))?;
+        let allow = cli.telegram_allow.unwrap_or(file.telegram.allow.clone());
+        let quota = cli.telegram_daily_quota.unwrap_or(file.telegram.daily_quota);
         let bot = natter_bots::telegram::TelegramConfig {
             token: token.trim().to_string(),
             api_url: Some(api_url),
             poll_timeout: Duration::from_secs(30),
             limits: natter_bots::relay::RelayLimits::telegram(),
-            default_model: catalog.default_for(natter_shared::proto::JobKind::Chat).map(|m| m.id.clone()),
+            group_limits: natter_bots::relay::RelayLimits::telegram_group(),
+            default_models: catalog.models.iter().filter(|m| m.default).map(|m| m.id.clone()).collect(),
+            access: natter_bots::telegram::Access {
+                allow: allow.into_iter().filter(|a| !a.trim().is_empty()).collect(),
+                admins: cli.telegram_admins.unwrap_or(file.telegram.admins.clone()),
+            },
+            daily_quota: (quota > 0).then_some(quota),
+            job_timeout: Duration::from_secs_f64(timeout),
         };
         Some((bot, cli.telegram_store.unwrap_or(file.telegram.store.clone())))
     };

@@ -13,7 +13,7 @@
 //! the same answer as for one that does not exist, so ids cannot be probed.
 
 use natter_shared::proto::{ChatMessage, Role};
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::Path;
@@ -124,8 +124,9 @@ pub struct Settings {
     pub system_prompt: Option<String>,
     pub temperature: Option<f32>,
     pub max_tokens: Option<u32>,
-    /// Answer a voice note's transcript as a chat message, not just transcribe it.
-    pub voice_auto_answer: bool,
+    /// Only transcribe voice notes; by default their transcript is also
+    /// answered as a chat message.
+    pub voice_transcript_only: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -564,6 +565,37 @@ impl Store {
     }
 }
 
+/// What an operator's `/stats` shows from the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreStats {
+    pub users: u64,
+    /// Jobs counted for every user on the day asked for.
+    pub jobs_today: u64,
+    pub conversations: u64,
+}
+
+impl Store {
+    pub async fn stats(&self, day: Date) -> Result<StoreStats, StoreError> {
+        let day = day.to_julian_day();
+        self.call(move |db| {
+            let tx = db.begin_read()?;
+            let mut jobs_today = 0;
+            for entry in tx.open_table(DAILY_JOBS)?.iter()? {
+                let (key, count) = entry?;
+                if key.value().1 == day {
+                    jobs_today += count.value();
+                }
+            }
+            Ok(StoreStats {
+                users: tx.open_table(USERS)?.len()?,
+                jobs_today,
+                conversations: tx.open_table(CONVERSATIONS)?.len()?,
+            })
+        })
+        .await
+    }
+}
+
 /// Opens the file (and its folder, on the first start) and creates every
 /// table, so reads never meet a missing one.
 fn open_db(path: &Path) -> Result<Database, StoreError> {
@@ -675,7 +707,7 @@ mod tests {
             system_prompt: Some("Be brief.".into()),
             temperature: Some(0.25),
             max_tokens: Some(300),
-            voice_auto_answer: true,
+            voice_transcript_only: true,
         };
         let first_seen = store.touch_user(&alice()).await.unwrap();
         store.set_settings(&alice(), settings.clone()).await.unwrap();
@@ -861,6 +893,21 @@ mod tests {
         assert_eq!(store.jobs_on(&alice(), monday).await.unwrap(), 0);
         assert_eq!(store.jobs_on(&bob(), monday).await.unwrap(), 1);
         assert_eq!(store.count_job_today(&bob()).await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn stats_count_users_conversations_and_the_days_jobs() {
+        let (_dir, store) = store().await;
+        let day = date!(2026 - 11 - 23);
+        store.touch_user(&alice()).await.unwrap();
+        store.touch_user(&bob()).await.unwrap();
+        store.new_conversation(&alice(), "c", None).await.unwrap();
+        store.count_job(&alice(), day).await.unwrap();
+        store.count_job(&alice(), day).await.unwrap();
+        store.count_job(&bob(), day).await.unwrap();
+        let stats = store.stats(day).await.unwrap();
+        assert_eq!(stats, StoreStats { users: 2, jobs_today: 3, conversations: 1 });
+        assert_eq!(store.stats(day.next_day().unwrap()).await.unwrap().jobs_today, 0);
     }
 
     #[tokio::test]

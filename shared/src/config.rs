@@ -36,6 +36,12 @@ pub struct TelegramSection {
     pub api_url: String,
     /// The redb file holding users, settings and conversations.
     pub store: std::path::PathBuf,
+    /// User ids or usernames allowed to use the bot; empty lets everyone in.
+    pub allow: Vec<String>,
+    /// User ids that may use the bot and see `/stats`.
+    pub admins: Vec<u64>,
+    /// Jobs one user may start per day (UTC); 0 means no limit.
+    pub daily_quota: u64,
 }
 
 impl Default for TelegramSection {
@@ -44,6 +50,9 @@ impl Default for TelegramSection {
             token: String::new(),
             api_url: "https://api.telegram.org/".into(),
             store: "data/telegram.redb".into(),
+            allow: Vec::new(),
+            admins: Vec::new(),
+            daily_quota: 0,
         }
     }
 }

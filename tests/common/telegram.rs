@@ -1,12 +1,15 @@
 //! A fake Telegram Bot API server on loopback that speaks the real HTTP API
 //! (`/bot<token>/<method>`, JSON in, `{"ok", "result"}` out) to the real
-//! teloxide client: getMe, getUpdates long polling with offsets, sendMessage,
-//! editMessageText, deleteMessage, sendChatAction, and injected errors
-//! (`retry_after`, message too long). Tests push updates in and read every
-//! call back with its time.
+//! teloxide client: getMe, getWebhookInfo, getUpdates long polling with
+//! offsets, sendMessage, editMessageText, deleteMessage, sendChatAction,
+//! setMyCommands, answerCallbackQuery, getFile and file download, sendDocument
+//! (multipart), and injected errors (`retry_after`, message too long). Tests
+//! push updates in (texts, files, group messages, button presses) and read
+//! every call back with its time.
 
-use axum::extract::{Path, State};
-use axum::routing::post;
+use axum::extract::{FromRequest, Multipart, Path, Request, State};
+use axum::http::header::CONTENT_TYPE;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, VecDeque};
@@ -34,6 +37,16 @@ struct Inner {
     messages: BTreeMap<(i64, i64), String>,
     /// Errors to answer the next calls of a method with.
     failures: VecDeque<(String, Value)>,
+    /// File id -> bytes, for getFile and downloads.
+    files: BTreeMap<String, Vec<u8>>,
+    /// Documents the bot sent: (chat, file name, bytes, caption).
+    documents: Vec<(i64, String, Vec<u8>, String)>,
+}
+
+/// A file a test user sends, as the Bot API describes it in a message.
+pub struct SentFile {
+    pub id: String,
+    pub size: usize,
 }
 
 #[derive(Default)]
@@ -58,7 +71,10 @@ impl Drop for FakeTelegram {
 impl FakeTelegram {
     pub async fn start() -> FakeTelegram {
         let shared = Arc::new(Shared::default());
-        let app = Router::new().route("/{bot}/{method}", post(call)).with_state(shared.clone());
+        let app = Router::new()
+            .route("/{bot}/{method}", post(call))
+            .route("/file/{bot}/{*path}", get(download))
+            .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/", listener.local_addr().unwrap()).parse().unwrap();
         let task = tokio::spawn(async move {
@@ -68,23 +84,88 @@ impl FakeTelegram {
     }
 
     /// A user writes `text` to the bot in their private chat.
-    pub fn user_says(&self, user: i64, text: &str) {
+    pub fn user_says(&self, user: i64, text: &str) -> i64 {
+        self.user_sends(user, json!({ "text": text }))
+    }
+
+    /// A message from `user` in their private chat with the bot, with the
+    /// given fields (`text`, `photo`, `voice`, `caption`...); returns its id.
+    pub fn user_sends(&self, user: i64, fields: Value) -> i64 {
+        let chat = json!({"id": user, "type": "private", "first_name": format!("User{user}")});
+        self.push_message(chat, user, fields)
+    }
+
+    /// `user` writes in the group `chat` (a negative id); `reply_to` is a
+    /// message of the bot's being answered.
+    pub fn group_says(&self, chat: i64, user: i64, text: &str, reply_to: Option<i64>) -> i64 {
+        let mut fields = json!({ "text": text });
+        if let Some(id) = reply_to {
+            fields["reply_to_message"] = json!({
+                "message_id": id, "date": unix_now(), "from": bot_user(), "text": "…",
+                "chat": {"id": chat, "type": "group", "title": "Family"},
+            });
+        }
+        self.push_message(json!({"id": chat, "type": "group", "title": "Family"}), user, fields)
+    }
+
+    fn push_message(&self, chat: Value, user: i64, fields: Value) -> i64 {
         let mut inner = self.shared.inner.lock().unwrap();
         inner.next_update += 1;
         inner.next_message += 1;
+        let mut message = json!({
+            "message_id": inner.next_message,
+            "date": unix_now(),
+            "chat": chat,
+            "from": {"id": user, "is_bot": false, "first_name": format!("User{user}"), "username": format!("user{user}")},
+        });
+        for (key, value) in fields.as_object().unwrap() {
+            message[key] = value.clone();
+        }
+        let id = inner.next_message;
+        let update = json!({ "update_id": inner.next_update, "message": message });
+        inner.updates.push(update);
+        drop(inner);
+        self.shared.news.notify_waiters();
+        id
+    }
+
+    /// Makes `data` downloadable, as a file a user sent.
+    pub fn add_file(&self, data: Vec<u8>) -> SentFile {
+        let mut inner = self.shared.inner.lock().unwrap();
+        let id = format!("file-{}", inner.files.len() + 1);
+        let size = data.len();
+        inner.files.insert(id.clone(), data);
+        SentFile { id, size }
+    }
+
+    /// `user` presses the inline button with `data` on the bot's `message` in `chat`.
+    pub fn press(&self, user: i64, chat: i64, message: i64, data: &str) {
+        let mut inner = self.shared.inner.lock().unwrap();
+        inner.next_update += 1;
+        let text = inner.messages.get(&(chat, message)).cloned().unwrap_or_default();
+        let kind = if chat > 0 { "private" } else { "group" };
         let update = json!({
             "update_id": inner.next_update,
-            "message": {
-                "message_id": inner.next_message,
-                "date": unix_now(),
-                "chat": {"id": user, "type": "private", "first_name": format!("User{user}")},
+            "callback_query": {
+                "id": format!("cb-{}", inner.next_update),
                 "from": {"id": user, "is_bot": false, "first_name": format!("User{user}")},
-                "text": text,
+                "message": {
+                    "message_id": message, "date": unix_now(), "from": bot_user(), "text": text,
+                    "chat": {"id": chat, "type": kind, "first_name": "x", "title": "Family"},
+                },
+                "chat_instance": "1",
+                "data": data,
             }
         });
         inner.updates.push(update);
         drop(inner);
         self.shared.news.notify_waiters();
+    }
+
+    /// The documents the bot sent to `chat`: (file name, bytes, caption).
+    pub fn documents(&self, chat: i64) -> Vec<(String, Vec<u8>, String)> {
+        let inner = self.shared.inner.lock().unwrap();
+        inner.documents.iter().filter(|d| d.0 == chat).map(|d| (d.1.clone(), d.2.clone(), d.3.clone())).collect()
     }
 
     /// The next call of `method` fails with this Bot API error body.
@@ -102,6 +183,12 @@ impl FakeTelegram {
         inner.messages.range((chat, 0)..=(chat, i64::MAX)).map(|(_, t)| t.clone()).collect()
     }
 
+    /// The ids of the bot's messages in a chat, oldest first.
+    pub fn message_ids(&self, chat: i64) -> Vec<i64> {
+        let inner = self.shared.inner.lock().unwrap();
+        inner.messages.range((chat, 0)..=(chat, i64::MAX)).map(|((_, id), _)| *id).collect()
+    }
+
     /// Waits until `check` holds for the chat's texts, or panics after `limit`.
     pub async fn wait_for(&self, chat: i64, limit: Duration, check: impl Fn(&[String]) -> bool) -> Vec<String> {
         let deadline = Instant::now() + limit;
@@ -110,7 +197,11 @@ impl FakeTelegram {
             if check(&texts) {
                 return texts;
             }
-            assert!(Instant::now() < deadline, "chat {chat} never got there; it shows {texts:?}");
+            if Instant::now() >= deadline {
+                let calls: Vec<String> =
+                    self.calls().iter().rev().take(12).map(|c| format!("{} {}", c.method, c.params)).collect();
+                panic!("chat {chat} never got there; it shows {texts:?}; the last calls, newest first: {calls:#?}");
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -125,8 +216,11 @@ pub fn retry_after(seconds: u64) -> Value {
     })
 }
 
-const METHODS: [&str; 9] = [
+const METHODS: [&str; 12] = [
     "getMe",
+    "getWebhookInfo",
+    "getFile",
+    "sendDocument",
     "getUpdates",
     "sendMessage",
     "editMessageText",
@@ -157,20 +251,55 @@ fn message(chat: i64, id: i64, text: &str) -> Value {
     json!({
         "message_id": id,
         "date": unix_now(),
-        "chat": {"id": chat, "type": "private", "first_name": format!("User{chat}")},
+        "chat": if chat < 0 { json!({"id": chat, "type": "group", "title": "Family"}) }
+                else { json!({"id": chat, "type": "private", "first_name": format!("User{chat}")}) },
         "from": bot_user(),
         "text": text,
     })
 }
 
+async fn download(
+    State(shared): State<Arc<Shared>>,
+    Path((_bot, path)): Path<(String, String)>,
+) -> Result<Vec<u8>, axum::http::StatusCode> {
+    let id = path.trim_start_matches("files/");
+    shared.inner.lock().unwrap().files.get(id).cloned().ok_or(axum::http::StatusCode::NOT_FOUND)
+}
+
+/// A multipart call's fields: files by their field name as (file name, bytes),
+/// the rest as JSON strings or numbers.
+async fn multipart_params(request: Request) -> (Value, Option<(String, Vec<u8>)>) {
+    let mut form = Multipart::from_request(request, &()).await.unwrap();
+    let mut params = json!({});
+    let mut file = None;
+    while let Some(field) = form.next_field().await.unwrap() {
+        let name = field.name().unwrap_or_default().to_string();
+        match field.file_name().map(str::to_string) {
+            Some(file_name) => file = Some((file_name, field.bytes().await.unwrap().to_vec())),
+            None => {
+                let text = field.text().await.unwrap();
+                params[name] = text.parse::<i64>().map_or_else(|_| json!(text), |n| json!(n));
+            }
+        }
+    }
+    (params, file)
+}
+
 async fn call(
     State(shared): State<Arc<Shared>>,
     Path((_bot, method)): Path<(String, String)>,
-    body: String,
+    request: Request,
 ) -> Json<Value> {
     // Bot API method names are case-insensitive; teloxide sends `GetMe`.
     let method = canonical(&method);
-    let params: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+    let multipart =
+        request.headers().get(CONTENT_TYPE).is_some_and(|t| t.to_str().unwrap_or_default().starts_with("multipart/"));
+    let (params, file) = if multipart {
+        multipart_params(request).await
+    } else {
+        let body = axum::body::to_bytes(request.into_body(), usize::MAX).await.unwrap();
+        (serde_json::from_slice(&body).unwrap_or(Value::Null), None)
+    };
     {
         let mut inner = shared.inner.lock().unwrap();
         inner.calls.push(Call { method: method.clone(), params: params.clone(), at: Instant::now() });
@@ -188,6 +317,8 @@ async fn call(
         })),
         "getUpdates" => {
             let offset = params["offset"].as_i64().unwrap_or(0);
+            // As Telegram does, updates below the offset are confirmed and forgotten.
+            shared.inner.lock().unwrap().updates.retain(|u| u["update_id"].as_i64().unwrap() >= offset);
             let timeout = Duration::from_secs(params["timeout"].as_u64().unwrap_or(0));
             let deadline = tokio::time::Instant::now() + timeout;
             loop {
@@ -218,6 +349,9 @@ async fn call(
         "editMessageText" => {
             let id = params["message_id"].as_i64().unwrap_or_default();
             let text = params["text"].as_str().unwrap_or_default().to_string();
+            if text.encode_utf16().count() > 4096 {
+                return Json(json!({"ok": false, "error_code": 400, "description": "Bad Request: MESSAGE_TOO_LONG"}));
+            }
             let mut inner = shared.inner.lock().unwrap();
             match inner.messages.get(&(chat, id)) {
                 None => Json(
@@ -237,6 +371,30 @@ async fn call(
             let id = params["message_id"].as_i64().unwrap_or_default();
             shared.inner.lock().unwrap().messages.remove(&(chat, id));
             ok(json!(true))
+        }
+        "getWebhookInfo" => ok(json!({"url": "", "has_custom_certificate": false, "pending_update_count": 0})),
+        "getFile" => {
+            let id = params["file_id"].as_str().unwrap_or_default().to_string();
+            let inner = shared.inner.lock().unwrap();
+            match inner.files.get(&id) {
+                Some(data) => ok(json!({
+                    "file_id": id, "file_unique_id": format!("u-{id}"), "file_size": data.len(), "file_path": format!("files/{id}")
+                })),
+                None => Json(json!({"ok": false, "error_code": 400, "description": "Bad Request: invalid file_id"})),
+            }
+        }
+        "sendDocument" => {
+            let (name, data) = file.unwrap_or_default();
+            let caption = params["caption"].as_str().unwrap_or_default().to_string();
+            let mut inner = shared.inner.lock().unwrap();
+            inner.next_message += 1;
+            let id = inner.next_message;
+            inner.documents.push((chat, name.clone(), data, caption));
+            let mut sent = message(chat, id, "");
+            sent.as_object_mut().unwrap().remove("text");
+            sent["document"] =
+                json!({"file_id": format!("doc-{id}"), "file_unique_id": format!("doc-{id}"), "file_name": name});
+            ok(sent)
         }
         "sendChatAction" | "setMyCommands" | "deleteWebhook" | "answerCallbackQuery" => ok(json!(true)),
         other => Json(json!({"ok": false, "error_code": 404, "description": format!("Not Found: method {other}")})),

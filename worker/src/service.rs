@@ -20,8 +20,10 @@ impl Registration {
     }
 }
 
-/// Info metadata keys: `kinds` and `models` are comma-separated; `worker` is the
-/// worker's name.
+/// Info metadata keys: `kinds` and `models` are comma-separated; `served`
+/// pairs each model with its kind (`chat:smollm2-135m-instruct,ocr:ppocr-v5`),
+/// so a front-end never sends a job to a model of another kind; `worker` is
+/// the worker's name.
 pub async fn register(
     client: &async_nats::Client,
     name: &str,
@@ -36,6 +38,7 @@ pub async fn register(
         ("worker".to_string(), name.to_string()),
         ("kinds".to_string(), kinds.join(",")),
         ("models".to_string(), models.iter().map(|m| m.id.as_str()).collect::<Vec<_>>().join(",")),
+        ("served".to_string(), models.iter().map(|m| format!("{}:{}", m.kind, m.id)).collect::<Vec<_>>().join(",")),
     ]);
     let load = shared.clone();
     let service = client

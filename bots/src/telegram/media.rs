@@ -1,0 +1,223 @@
+//! Files people send: photos and images become OCR jobs whose text comes back
+//! as a reply; voice notes, audio, video notes and videos become
+//! speech-to-text jobs whose transcript comes back and, unless the user chose
+//! transcripts only, is then answered as a chat turn.
+
+use super::jobs::{chat_turn, follow, with_note};
+use super::sink::ChatSink;
+use super::{Context, Talk, MAX_DOWNLOAD};
+use crate::client::{AsrUpdate, OcrUpdate};
+use crate::relay::Relay;
+use futures::StreamExt;
+use natter_shared::proto::{AsrInput, AsrTask, Job, JobInput, JobKind, OcrInput, Origin};
+use std::sync::{Arc, Mutex};
+use teloxide::net::Download;
+use teloxide::prelude::Requester;
+use teloxide::types::{FileMeta, Message};
+
+enum Media<'a> {
+    Image {
+        file: &'a FileMeta,
+        mime: String,
+    },
+    Sound {
+        file: &'a FileMeta,
+        mime: String,
+    },
+    /// Something sent that natter cannot use, described for the reply.
+    Unsupported(String),
+}
+
+/// What kind of file a message carries, if any.
+fn classify(message: &Message) -> Option<Media<'_>> {
+    let mime_or =
+        |mime: Option<&mime::Mime>, fallback: &str| mime.map_or_else(|| fallback.to_string(), |m| m.to_string());
+    if let Some(sizes) = message.photo() {
+        // Telegram sends several sizes of a photo; the largest reads best.
+        let largest = sizes.iter().max_by_key(|p| u64::from(p.width) * u64::from(p.height))?;
+        return Some(Media::Image { file: &largest.file, mime: "image/jpeg".into() });
+    }
+    if let Some(voice) = message.voice() {
+        return Some(Media::Sound { file: &voice.file, mime: mime_or(voice.mime_type.as_ref(), "audio/ogg") });
+    }
+    if let Some(audio) = message.audio() {
+        return Some(Media::Sound { file: &audio.file, mime: mime_or(audio.mime_type.as_ref(), "audio/mpeg") });
+    }
+    if let Some(note) = message.video_note() {
+        return Some(Media::Sound { file: &note.file, mime: "video/mp4".into() });
+    }
+    if let Some(video) = message.video() {
+        return Some(Media::Sound { file: &video.file, mime: mime_or(video.mime_type.as_ref(), "video/mp4") });
+    }
+    if let Some(document) = message.document() {
+        let mime = document.mime_type.as_ref();
+        return Some(match mime.map(|m| m.type_()) {
+            Some(mime::IMAGE) => Media::Image { file: &document.file, mime: mime_or(mime, "") },
+            Some(mime::AUDIO | mime::VIDEO) => Media::Sound { file: &document.file, mime: mime_or(mime, "") },
+            _ => Media::Unsupported(match (&document.file_name, mime) {
+                (_, Some(mime)) => format!("{mime} files"),
+                (Some(name), None) => format!("files like {name}"),
+                (None, None) => "this kind of file".into(),
+            }),
+        });
+    }
+    if message.sticker().is_some() {
+        return Some(Media::Unsupported("stickers".into()));
+    }
+    None
+}
+
+/// Handles a message that carries a file; `false` when it carries none.
+pub(super) async fn handle(context: &Context, talk: &Talk, message: &Message) -> anyhow::Result<bool> {
+    let Some(media) = classify(message) else { return Ok(false) };
+    match media {
+        Media::Unsupported(what) => {
+            let reply = format!(
+                "I can read the text in photos and images, and transcribe voice notes, audio and video notes, but not {what}."
+            );
+            context.say(talk, &reply).await?;
+        }
+        Media::Image { file, mime } => read_image(context, talk, file, &mime).await?,
+        Media::Sound { file, mime } => {
+            if let Some(transcript) = transcribe(context, talk, file, &mime).await? {
+                let settings = context.store.user_settings(&talk.user).await?;
+                if !settings.voice_transcript_only {
+                    chat_turn(context, talk, transcript).await?;
+                }
+            }
+        }
+    }
+    Ok(true)
+}
+
+fn too_big(size: u64) -> String {
+    format!(
+        "That file is {:.1} MB, and Telegram lets bots download at most {} MB. Please send a smaller one.",
+        size as f64 / (1024.0 * 1024.0),
+        MAX_DOWNLOAD / (1024 * 1024)
+    )
+}
+
+/// The file's bytes, or what to tell the user when it cannot be had.
+async fn download(context: &Context, file: &FileMeta) -> anyhow::Result<Result<Vec<u8>, String>> {
+    // `u32::MAX` is teloxide's stand-in for a size Telegram did not give.
+    if file.size != u32::MAX && file.size > MAX_DOWNLOAD {
+        return Ok(Err(too_big(file.size.into())));
+    }
+    let info = match context.bot.get_file(file.id.clone()).await {
+        Ok(info) => info,
+        Err(e) => return Ok(Err(format!("⚠️ Telegram would not hand me the file: {e}"))),
+    };
+    if info.meta.size != u32::MAX && info.meta.size > MAX_DOWNLOAD {
+        return Ok(Err(too_big(info.meta.size.into())));
+    }
+    let mut bytes = Vec::new();
+    if let Err(e) = context.bot.download_file(&info.path, &mut bytes).await {
+        return Ok(Err(format!("⚠️ Downloading the file from Telegram failed: {e}")));
+    }
+    if bytes.len() > MAX_DOWNLOAD as usize {
+        return Ok(Err(too_big(bytes.len() as u64)));
+    }
+    Ok(Ok(bytes))
+}
+
+fn origin(talk: &Talk) -> Origin {
+    Origin { frontend: "telegram".into(), user: talk.user.to_string(), conversation: None }
+}
+
+/// Reads the text in an image; the lines appear as the worker reads them.
+async fn read_image(context: &Context, talk: &Talk, file: &FileMeta, mime: &str) -> anyhow::Result<()> {
+    let Some(slot) = context.begin_job(talk).await? else { return Ok(()) };
+    let Some(model) = context.model_for(JobKind::Ocr, None).await else {
+        context.say(talk, "No OCR model is being served right now; please try again later.").await?;
+        return Ok(());
+    };
+    let bytes = match download(context, file).await? {
+        Ok(bytes) => bytes,
+        Err(reason) => {
+            context.say(talk, &reason).await?;
+            return Ok(());
+        }
+    };
+    let image = context.client.put_blob(bytes, mime).await?;
+    let job = Job::new(model.clone(), origin(talk), JobInput::Ocr(OcrInput { image }));
+    let updates = context.client.ocr_updates(job.id).await?;
+    context.client.submit(&job).await?;
+    slot.holds(job.id);
+    let texts = updates.scan(Vec::<String>::new(), |lines, update| {
+        let shown = match update {
+            OcrUpdate::Accepted { .. } => None,
+            OcrUpdate::Line(line) => {
+                lines.push(line.text);
+                Some(format!("📝 {}", lines.join("\n")))
+            }
+            OcrUpdate::Restart { .. } => {
+                lines.clear();
+                Some(String::new())
+            }
+            OcrUpdate::Done { text, .. } if text.trim().is_empty() => Some("I found no text in this image.".into()),
+            OcrUpdate::Done { text, .. } => Some(text),
+            OcrUpdate::Failed { message, .. } => Some(format!("⚠️ I couldn't read this image: {message}")),
+            OcrUpdate::Cancelled => Some(with_note(&lines.join("\n"), "(stopped)")),
+        };
+        futures::future::ready(Some(shown))
+    });
+    let shown = follow(context.client.clone(), Some((JobKind::Ocr, model)), context.config.job_timeout, texts);
+    let sink = ChatSink::new(context.bot.clone(), talk.chat, talk.reply_to);
+    Relay::new(sink, context.limits(talk.group)).run(shown).await?;
+    Ok(())
+}
+
+/// Transcribes a voice note, audio or video; returns the transcript when there
+/// is one to answer.
+async fn transcribe(context: &Context, talk: &Talk, file: &FileMeta, mime: &str) -> anyhow::Result<Option<String>> {
+    let Some(slot) = context.begin_job(talk).await? else { return Ok(None) };
+    let Some(model) = context.model_for(JobKind::Asr, None).await else {
+        context.say(talk, "No speech-to-text model is being served right now; please try again later.").await?;
+        return Ok(None);
+    };
+    let bytes = match download(context, file).await? {
+        Ok(bytes) => bytes,
+        Err(reason) => {
+            context.say(talk, &reason).await?;
+            return Ok(None);
+        }
+    };
+    let audio = context.client.put_blob(bytes, mime).await?;
+    let input = AsrInput { audio, language: None, task: AsrTask::Transcribe };
+    let job = Job::new(model.clone(), origin(talk), JobInput::Asr(input));
+    let updates = context.client.asr_updates(job.id).await?;
+    context.client.submit(&job).await?;
+    slot.holds(job.id);
+    let transcript = Arc::new(Mutex::new(None));
+    let keep = transcript.clone();
+    let texts = updates.scan(Vec::<String>::new(), move |segments, update| {
+        let shown = match update {
+            AsrUpdate::Accepted { .. } => None,
+            AsrUpdate::Segment(segment) => {
+                segments.push(segment.text.trim().to_string());
+                Some(format!("🎙️ {}", segments.join(" ")))
+            }
+            AsrUpdate::Restart { .. } => {
+                segments.clear();
+                Some(String::new())
+            }
+            AsrUpdate::Done { text, .. } if text.trim().is_empty() => Some("🎙️ (I heard no speech.)".into()),
+            AsrUpdate::Done { text, .. } => {
+                let text = text.trim().to_string();
+                if let Ok(mut transcript) = keep.lock() {
+                    *transcript = Some(text.clone());
+                }
+                Some(format!("🎙️ {text}"))
+            }
+            AsrUpdate::Failed { message, .. } => Some(format!("⚠️ I couldn't transcribe this: {message}")),
+            AsrUpdate::Cancelled => Some(with_note(&segments.join(" "), "(stopped)")),
+        };
+        futures::future::ready(Some(shown))
+    });
+    let shown = follow(context.client.clone(), Some((JobKind::Asr, model)), context.config.job_timeout, texts);
+    let sink = ChatSink::new(context.bot.clone(), talk.chat, talk.reply_to);
+    Relay::new(sink, context.limits(talk.group)).run(shown).await?;
+    drop(slot);
+    Ok(transcript.lock().ok().and_then(|t| t.clone()))
+}

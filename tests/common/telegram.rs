@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
-pub const BOT_ID: i64 = 7000;
+const BOT_ID: i64 = 7000;
 
 /// One Bot API call as the server saw it.
 #[derive(Clone, Debug)]

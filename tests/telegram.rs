@@ -160,6 +160,8 @@ async fn settle_after_answer(fake: &FakeTelegram, chat: i64) {
 async fn two_users_get_their_own_answers_and_a_new_conversation_on_request() {
     let stack = Stack::start(&[REAL_MODEL]).await;
     let fake = FakeTelegram::start().await;
+    // A webhook left from elsewhere would make getUpdates fail: it is removed first.
+    fake.set_webhook("https://old.example.org/hook");
     let dir = tempfile::tempdir().unwrap();
     let bot = Bot::start(&stack, &fake, &dir.path().join("bot.redb")).await;
 
@@ -172,6 +174,9 @@ async fn two_users_get_their_own_answers_and_a_new_conversation_on_request() {
     settle(&fake, Duration::from_secs(2)).await;
     bot.stop().await;
 
+    let methods: Vec<String> = fake.calls().into_iter().map(|c| c.method).collect();
+    let removed = methods.iter().position(|m| m == "deleteWebhook").expect("the webhook was removed");
+    assert!(removed < methods.iter().position(|m| m == "getUpdates").unwrap());
     // Each chat saw only its own answer.
     assert!(fake.chat_texts(202).iter().all(|t| !t.contains("Paris")));
     assert!(fake.chat_texts(101).iter().all(|t| !t.contains("Rome")));
@@ -216,6 +221,8 @@ async fn commands_are_registered_and_change_the_users_settings() {
     let me = 31;
 
     ask(&fake, me, "/help", "/history").await;
+    assert!(fake.calls().iter().any(|c| c.method == "getWebhookInfo"));
+    assert!(!fake.calls().iter().any(|c| c.method == "deleteWebhook"), "no webhook was set, none removed");
     let menu = fake.calls().iter().find(|c| c.method == "setMyCommands").expect("commands registered").params.clone();
     let names: Vec<&str> =
         menu["commands"].as_array().unwrap().iter().map(|c| c["command"].as_str().unwrap()).collect();
@@ -422,14 +429,22 @@ async fn stop_cancels_a_running_answer() {
     let bot = Bot::start(&stack, &fake, &dir.path().join("bot.redb")).await;
     let me = 61;
     ask_for_a_long_answer(&fake, me).await;
-    fake.wait_for(me, Duration::from_secs(60), |t| t.last().is_some_and(|t| t.len() > 40 && !t.contains("Max"))).await;
+    fake.wait_for(me, Duration::from_secs(60), |t| {
+        t.last().is_some_and(|t| t.len() > 40 && !t.contains("Temperature"))
+    })
+    .await;
     // A second request while one runs is told to wait.
     ask(&fake, me, "And another thing", "still working").await;
+    // Someone else's request waits in the queue, and is told so.
+    fake.user_says(62, "What is the capital of France?");
+    fake.wait_for(62, Duration::from_secs(30), |t| t.iter().any(|t| t.contains("Queued: position 1"))).await;
     fake.user_says(me, "/stop");
     fake.wait_for(me, Duration::from_secs(30), |t| t.iter().any(|t| t.ends_with("(stopped)"))).await;
     settle(&fake, Duration::from_secs(2)).await;
     let stopped = fake.chat_texts(me).into_iter().find(|t| t.ends_with("(stopped)")).unwrap();
     assert!(stopped.len() < 2000, "it stopped early, not at the end: {} chars", stopped.len());
+    // The queued question is answered in the message that showed the notice.
+    fake.wait_for(62, Duration::from_secs(120), |t| t.len() == 1 && t[0].contains("Paris")).await;
     // The user is free to ask again.
     ask(&fake, me, "What is the capital of France?", "Paris").await;
     bot.stop().await;

@@ -39,6 +39,8 @@ struct Inner {
     failures: VecDeque<(String, Value)>,
     /// File id -> bytes, for getFile and downloads.
     files: BTreeMap<String, Vec<u8>>,
+    /// The webhook URL set for the bot; empty when none.
+    webhook: String,
     /// Documents the bot sent: (chat, file name, bytes, caption).
     documents: Vec<(i64, String, Vec<u8>, String)>,
 }
@@ -166,6 +168,11 @@ impl FakeTelegram {
     pub fn documents(&self, chat: i64) -> Vec<(String, Vec<u8>, String)> {
         let inner = self.shared.inner.lock().unwrap();
         inner.documents.iter().filter(|d| d.0 == chat).map(|d| (d.1.clone(), d.2.clone(), d.3.clone())).collect()
+    }
+
+    /// A webhook left over from another deployment.
+    pub fn set_webhook(&self, url: &str) {
+        self.shared.inner.lock().unwrap().webhook = url.to_string();
     }
 
     /// The next call of `method` fails with this Bot API error body.
@@ -372,7 +379,14 @@ async fn call(
             shared.inner.lock().unwrap().messages.remove(&(chat, id));
             ok(json!(true))
         }
-        "getWebhookInfo" => ok(json!({"url": "", "has_custom_certificate": false, "pending_update_count": 0})),
+        "getWebhookInfo" => {
+            let url = shared.inner.lock().unwrap().webhook.clone();
+            ok(json!({"url": url, "has_custom_certificate": false, "pending_update_count": 0}))
+        }
+        "deleteWebhook" => {
+            shared.inner.lock().unwrap().webhook.clear();
+            ok(json!(true))
+        }
         "getFile" => {
             let id = params["file_id"].as_str().unwrap_or_default().to_string();
             let inner = shared.inner.lock().unwrap();
@@ -396,7 +410,7 @@ async fn call(
                 json!({"file_id": format!("doc-{id}"), "file_unique_id": format!("doc-{id}"), "file_name": name});
             ok(sent)
         }
-        "sendChatAction" | "setMyCommands" | "deleteWebhook" | "answerCallbackQuery" => ok(json!(true)),
+        "sendChatAction" | "setMyCommands" | "answerCallbackQuery" => ok(json!(true)),
         other => Json(json!({"ok": false, "error_code": 404, "description": format!("Not Found: method {other}")})),
     }
 }

@@ -146,6 +146,18 @@ pub async fn run(
     }
     let me = bot.get_me().await.map_err(TelegramError::Connect)?;
     tracing::info!(bot = %me.username(), "telegram bot polling for updates");
+    // Telegram refuses getUpdates while a webhook is set; polling is how natter
+    // reaches the Bot API, so a leftover webhook is removed.
+    match bot.get_webhook_info().await {
+        Ok(info) if info.url.is_some() => {
+            tracing::warn!("removing the bot's webhook so that long polling works");
+            if let Err(e) = bot.delete_webhook().await {
+                tracing::warn!("deleteWebhook failed: {e}");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("getWebhookInfo failed: {e}"),
+    }
     if let Err(e) = bot.set_my_commands(commands::menu()).await {
         tracing::warn!("setMyCommands failed; the command menu may be stale: {e}");
     }

@@ -37,16 +37,17 @@ pub async fn router(nats: &NatsServer, catalog: Catalog, max_upload: usize, job_
     app(state)
 }
 
-/// Answers `$SRV.INFO` as one worker serving `models` of `kinds` (comma-separated).
-pub async fn announce(client: &async_nats::Client, kinds: &str, models: &str) {
+/// Answers `$SRV.INFO` as one worker serving `models` (comma-separated) of one `kind`.
+pub async fn announce(client: &async_nats::Client, kind: &str, models: &str) {
     let mut info = client.subscribe(format!("$SRV.INFO.{}", subjects::WORKER_SERVICE)).await.unwrap();
     client.flush().await.unwrap();
-    let (client, kinds, models) = (client.clone(), kinds.to_string(), models.to_string());
+    let served: Vec<String> = models.split(',').map(|m| format!("{kind}:{m}")).collect();
+    let (client, kind, models, served) = (client.clone(), kind.to_string(), models.to_string(), served.join(","));
     tokio::spawn(async move {
         while let Some(msg) = info.next().await {
             let reply = serde_json::json!({
                 "id": "stand-in", "version": "0.0.0",
-                "metadata": { "worker": "stand-in", "kinds": kinds, "models": models },
+                "metadata": { "worker": "stand-in", "kinds": kind, "models": models, "served": served },
             });
             let _ = client.publish(msg.reply.unwrap(), reply.to_string().into()).await;
         }

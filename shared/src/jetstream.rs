@@ -68,32 +68,37 @@ mod secs {
 
 /// Creates (or finds) the streams and the blob bucket natter uses.
 pub async fn ensure_streams(js: &jetstream::Context, settings: &JetStreamSettings) -> Result<Streams, SetupError> {
-    let jobs = js
-        .get_or_create_stream(stream::Config {
+    let jobs = stream_named(
+        js,
+        stream::Config {
             name: JOBS_STREAM.into(),
             subjects: vec![subjects::JOBS_ALL.into()],
             retention: stream::RetentionPolicy::WorkQueue,
             storage: stream::StorageType::File,
             max_age: settings.jobs_max_age,
             ..Default::default()
-        })
-        .await
-        .map_err(|source| SetupError::Stream { name: JOBS_STREAM, source })?;
-    let events = js
-        .get_or_create_stream(stream::Config {
+        },
+    )
+    .await
+    .map_err(|source| SetupError::Stream { name: JOBS_STREAM, source })?;
+    let events = stream_named(
+        js,
+        stream::Config {
             name: EVENTS_STREAM.into(),
             subjects: vec![subjects::EVENTS_ALL.into()],
             retention: stream::RetentionPolicy::Limits,
             storage: stream::StorageType::File,
             max_age: settings.events_max_age,
             ..Default::default()
-        })
-        .await
-        .map_err(|source| SetupError::Stream { name: EVENTS_STREAM, source })?;
+        },
+    )
+    .await
+    .map_err(|source| SetupError::Stream { name: EVENTS_STREAM, source })?;
     // Cancellations are kept too: a job cancelled while still queued is dropped by
     // whichever worker fetches it later, even one that started after the cancel.
-    let cancels = js
-        .get_or_create_stream(stream::Config {
+    let cancels = stream_named(
+        js,
+        stream::Config {
             name: CANCEL_STREAM.into(),
             subjects: vec![subjects::CANCEL_ALL.into()],
             retention: stream::RetentionPolicy::Limits,
@@ -101,11 +106,29 @@ pub async fn ensure_streams(js: &jetstream::Context, settings: &JetStreamSetting
             max_age: settings.jobs_max_age,
             max_messages_per_subject: 1,
             ..Default::default()
-        })
-        .await
-        .map_err(|source| SetupError::Stream { name: CANCEL_STREAM, source })?;
+        },
+    )
+    .await
+    .map_err(|source| SetupError::Stream { name: CANCEL_STREAM, source })?;
     let blobs = blob_store(js, settings).await?;
     Ok(Streams { jobs, events, cancels, blobs })
+}
+
+/// Gets or creates a stream. Processes starting together on a fresh server race
+/// to create it, and the loser is refused ("subjects overlap"), so a failed
+/// create looks the stream up again before giving up.
+async fn stream_named(
+    js: &jetstream::Context,
+    config: stream::Config,
+) -> Result<stream::Stream, jetstream::context::CreateStreamError> {
+    let name = config.name.clone();
+    match js.get_or_create_stream(config).await {
+        Ok(stream) => Ok(stream),
+        Err(e) => {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            js.get_stream(&name).await.map_err(|_| e)
+        }
+    }
 }
 
 pub struct Streams {
@@ -134,7 +157,7 @@ pub async fn job_consumer(
     settings: &JetStreamSettings,
 ) -> Result<consumer::PullConsumer, SetupError> {
     let name = consumer_name(kind, model);
-    jobs.get_or_create_consumer(
+    let bound = jobs.get_or_create_consumer(
         &name,
         consumer::pull::Config {
             durable_name: Some(name.clone()),
@@ -147,9 +170,15 @@ pub async fn job_consumer(
             max_ack_pending: 1024,
             ..Default::default()
         },
-    )
-    .await
-    .map_err(|source| SetupError::Consumer { name, source })
+    );
+    match bound.await {
+        Ok(consumer) => Ok(consumer),
+        // Workers starting together race to create it, as with the streams.
+        Err(source) => {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            jobs.get_consumer(&name).await.map_err(|_| SetupError::Consumer { name, source })
+        }
+    }
 }
 
 /// The object store bucket for blobs above [`crate::proto::INLINE_BLOB_LIMIT`].
@@ -160,12 +189,20 @@ async fn blob_store(
     if let Ok(store) = js.get_object_store(BLOB_BUCKET).await {
         return Ok(store);
     }
-    Ok(js
+    let created = js
         .create_object_store(jetstream::object_store::Config {
             bucket: BLOB_BUCKET.into(),
             max_age: settings.jobs_max_age,
             storage: stream::StorageType::File,
             ..Default::default()
         })
-        .await?)
+        .await;
+    match created {
+        Ok(store) => Ok(store),
+        // Another process created it in the meantime.
+        Err(e) => {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            js.get_object_store(BLOB_BUCKET).await.map_err(|_| e.into())
+        }
+    }
 }

@@ -3,13 +3,13 @@
 //! speech-to-text jobs whose transcript comes back and, unless the user chose
 //! transcripts only, is then answered as a chat turn.
 
-use super::jobs::{chat_turn, follow, with_note};
+use super::jobs::{chat_turn, follow, with_note, Slot};
 use super::sink::ChatSink;
 use super::{Context, Talk, MAX_DOWNLOAD};
 use crate::client::{AsrUpdate, OcrUpdate};
 use crate::relay::Relay;
 use futures::StreamExt;
-use natter_shared::proto::{AsrInput, AsrTask, Job, JobInput, JobKind, OcrInput, Origin};
+use natter_shared::proto::{AsrInput, AsrTask, Blob, Job, JobInput, JobKind, OcrInput, Origin};
 use std::sync::{Arc, Mutex};
 use teloxide::net::Download;
 use teloxide::prelude::Requester;
@@ -125,21 +125,49 @@ fn origin(talk: &Talk) -> Origin {
     Origin { frontend: "telegram".into(), user: talk.user.to_string(), conversation: None }
 }
 
-/// Reads the text in an image; the lines appear as the worker reads them.
-async fn read_image(context: &Context, talk: &Talk, file: &FileMeta, mime: &str) -> anyhow::Result<()> {
-    let Some(slot) = context.begin_job(talk).await? else { return Ok(()) };
-    let Some(model) = context.model_for(JobKind::Ocr, None).await else {
-        context.say(talk, "No OCR model is being served right now; please try again later.").await?;
-        return Ok(());
+/// What a file job needs before it is submitted: the user's job slot, a
+/// served model of `kind`, and the file in the blob store. `None` once the
+/// user has been told why not.
+async fn prepare(
+    context: &Context,
+    talk: &Talk,
+    kind: JobKind,
+    file: &FileMeta,
+    mime: &str,
+) -> anyhow::Result<Option<(Slot, String, Blob)>> {
+    let Some(slot) = context.begin_job(talk).await? else { return Ok(None) };
+    let Some(model) = context.model_for(kind, None).await else {
+        let what = if kind == JobKind::Ocr { "OCR" } else { "speech-to-text" };
+        context.say(talk, &format!("No {what} model is being served right now; please try again later.")).await?;
+        return Ok(None);
     };
     let bytes = match download(context, file).await? {
         Ok(bytes) => bytes,
         Err(reason) => {
             context.say(talk, &reason).await?;
-            return Ok(());
+            return Ok(None);
         }
     };
-    let image = context.client.put_blob(bytes, mime).await?;
+    Ok(Some((slot, model, context.client.put_blob(bytes, mime).await?)))
+}
+
+/// Shows a file job's texts as one streamed reply.
+async fn show(
+    context: &Context,
+    talk: &Talk,
+    kind: JobKind,
+    model: String,
+    texts: impl futures::Stream<Item = Option<String>> + Send + 'static,
+) -> anyhow::Result<()> {
+    let shown = follow(context.client.clone(), Some((kind, model)), context.config.job_timeout, texts);
+    let sink = ChatSink::new(context.bot.clone(), talk.chat, talk.reply_to);
+    Relay::new(sink, context.limits(talk.group)).run(shown).await?;
+    Ok(())
+}
+
+/// Reads the text in an image; the lines appear as the worker reads them.
+async fn read_image(context: &Context, talk: &Talk, file: &FileMeta, mime: &str) -> anyhow::Result<()> {
+    let Some((slot, model, image)) = prepare(context, talk, JobKind::Ocr, file, mime).await? else { return Ok(()) };
     let job = Job::new(model.clone(), origin(talk), JobInput::Ocr(OcrInput { image }));
     let updates = context.client.ocr_updates(job.id).await?;
     context.client.submit(&job).await?;
@@ -162,28 +190,13 @@ async fn read_image(context: &Context, talk: &Talk, file: &FileMeta, mime: &str)
         };
         futures::future::ready(Some(shown))
     });
-    let shown = follow(context.client.clone(), Some((JobKind::Ocr, model)), context.config.job_timeout, texts);
-    let sink = ChatSink::new(context.bot.clone(), talk.chat, talk.reply_to);
-    Relay::new(sink, context.limits(talk.group)).run(shown).await?;
-    Ok(())
+    show(context, talk, JobKind::Ocr, model, texts).await
 }
 
 /// Transcribes a voice note, audio or video; returns the transcript when there
 /// is one to answer.
 async fn transcribe(context: &Context, talk: &Talk, file: &FileMeta, mime: &str) -> anyhow::Result<Option<String>> {
-    let Some(slot) = context.begin_job(talk).await? else { return Ok(None) };
-    let Some(model) = context.model_for(JobKind::Asr, None).await else {
-        context.say(talk, "No speech-to-text model is being served right now; please try again later.").await?;
-        return Ok(None);
-    };
-    let bytes = match download(context, file).await? {
-        Ok(bytes) => bytes,
-        Err(reason) => {
-            context.say(talk, &reason).await?;
-            return Ok(None);
-        }
-    };
-    let audio = context.client.put_blob(bytes, mime).await?;
+    let Some((slot, model, audio)) = prepare(context, talk, JobKind::Asr, file, mime).await? else { return Ok(None) };
     let input = AsrInput { audio, language: None, task: AsrTask::Transcribe };
     let job = Job::new(model.clone(), origin(talk), JobInput::Asr(input));
     let updates = context.client.asr_updates(job.id).await?;
@@ -215,9 +228,7 @@ async fn transcribe(context: &Context, talk: &Talk, file: &FileMeta, mime: &str)
         };
         futures::future::ready(Some(shown))
     });
-    let shown = follow(context.client.clone(), Some((JobKind::Asr, model)), context.config.job_timeout, texts);
-    let sink = ChatSink::new(context.bot.clone(), talk.chat, talk.reply_to);
-    Relay::new(sink, context.limits(talk.group)).run(shown).await?;
+    show(context, talk, JobKind::Asr, model, texts).await?;
     drop(slot);
     Ok(transcript.lock().ok().and_then(|t| t.clone()))
 }

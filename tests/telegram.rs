@@ -64,6 +64,7 @@ impl Bot {
             job_timeout: Duration::from_secs(300),
             max_upload: natter_bots::DEFAULT_MAX_UPLOAD,
             telegram: Some((telegram, store.to_path_buf())),
+            discord: None,
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {

@@ -1,9 +1,11 @@
 //! natter-bots: the front-ends: the HTTP front-end (the OpenAI-compatible API
-//! and the dashboard) and the Telegram bot. Every front-end shares the
-//! [`client::JobClient`] and the [`fleet::Fleet`] discovery; the bots share the
-//! [`relay`] and the [`store`].
+//! and the dashboard) and the Telegram and Discord bots. Every front-end shares
+//! the [`client::JobClient`] and the [`fleet::Fleet`] discovery; the bots share
+//! the [`chatbot`] core, the [`relay`] and the [`store`].
 
+pub mod chatbot;
 pub mod client;
+pub mod discord;
 pub mod fleet;
 pub mod http;
 pub mod relay;
@@ -29,6 +31,8 @@ pub enum BotsError {
     Store(#[from] store::StoreError),
     #[error(transparent)]
     Telegram(#[from] telegram::TelegramError),
+    #[error(transparent)]
+    Discord(#[from] discord::DiscordError),
 }
 
 #[derive(Clone, Debug)]
@@ -42,6 +46,8 @@ pub struct BotsConfig {
     pub max_upload: usize,
     /// The Telegram bot, when a token is configured, and its store.
     pub telegram: Option<(telegram::TelegramConfig, std::path::PathBuf)>,
+    /// The Discord bot, when a token is configured, and its store.
+    pub discord: Option<(discord::DiscordConfig, std::path::PathBuf)>,
 }
 
 /// OpenAI's limit on audio uploads, so clients written for it fit; photos fit too.
@@ -93,6 +99,14 @@ pub async fn serve(
         }
         None => None,
     };
+    let discord = match config.discord {
+        Some((discord_config, store_path)) => {
+            let store = store::Store::open(&store_path).await?;
+            let (jobs, shutdown) = (jobs.clone(), shutdown.clone());
+            Some(tokio::spawn(discord::run(discord_config, jobs, store, shutdown)))
+        }
+        None => None,
+    };
     let state = http::AppState {
         fleet: fleet::Fleet::new(jobs.nats().clone()),
         jobs,
@@ -107,6 +121,12 @@ pub async fn serve(
         match telegram.await {
             Ok(result) => result?,
             Err(e) => tracing::error!("the telegram bot task failed: {e}"),
+        }
+    }
+    if let Some(discord) = discord {
+        match discord.await {
+            Ok(result) => result?,
+            Err(e) => tracing::error!("the discord bot task failed: {e}"),
         }
     }
     Ok(())

@@ -1,4 +1,4 @@
-//! `natter-bots`: the front-ends (HTTP API and dashboard, Telegram bot).
+//! `natter-bots`: the front-ends (HTTP API and dashboard, Telegram and Discord bots).
 
 use clap::Parser;
 use natter_shared::catalog::Catalog;
@@ -8,7 +8,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "natter-bots", version, about = "natter front-ends: OpenAI-compatible API and web dashboard")]
+#[command(
+    name = "natter-bots",
+    version,
+    about = "natter front-ends: OpenAI-compatible API, web dashboard, Telegram and Discord bots"
+)]
 struct Cli {
     /// natter.toml to read; flags and environment variables override it.
     #[arg(long, env = "NATTER_CONFIG", default_value = "config/natter.toml")]
@@ -47,6 +51,36 @@ struct Cli {
     /// Jobs one Telegram user may start per day (UTC); 0 is no limit.
     #[arg(long, env = "NATTER_TELEGRAM_DAILY_QUOTA")]
     telegram_daily_quota: Option<u64>,
+    /// Discord bot token (from the Developer Portal); the bot runs when one is given.
+    #[arg(long, env = "DISCORD_BOT_TOKEN", hide_env_values = true)]
+    discord_token: Option<String>,
+    /// Discord REST API base URL in place of https://discord.com (a proxy).
+    #[arg(long, env = "NATTER_DISCORD_API_URL")]
+    discord_api_url: Option<String>,
+    /// Discord gateway WebSocket URL in place of the one the REST API names.
+    #[arg(long, env = "NATTER_DISCORD_GATEWAY_URL")]
+    discord_gateway_url: Option<String>,
+    /// The Discord bot's redb file (users, settings, conversations).
+    #[arg(long, env = "NATTER_DISCORD_STORE")]
+    discord_store: Option<PathBuf>,
+    /// Discord user ids allowed to use the bot, comma-separated; with the roles, empty lets everyone in.
+    #[arg(long, env = "NATTER_DISCORD_USERS", value_delimiter = ',')]
+    discord_users: Option<Vec<u64>>,
+    /// Discord role ids whose members may use the bot, comma-separated.
+    #[arg(long, env = "NATTER_DISCORD_ROLES", value_delimiter = ',')]
+    discord_roles: Option<Vec<u64>>,
+    /// Discord server channel ids the bot answers in, comma-separated; empty: all.
+    #[arg(long, env = "NATTER_DISCORD_CHANNELS", value_delimiter = ',')]
+    discord_channels: Option<Vec<u64>>,
+    /// Discord user ids of the bot's admins (always let in, get /stats), comma-separated.
+    #[arg(long, env = "NATTER_DISCORD_ADMINS", value_delimiter = ',')]
+    discord_admins: Option<Vec<u64>>,
+    /// Whether the Discord bot answers direct messages.
+    #[arg(long, env = "NATTER_DISCORD_DIRECT_MESSAGES")]
+    discord_direct_messages: Option<bool>,
+    /// Jobs one Discord user may start per day (UTC); 0 is no limit.
+    #[arg(long, env = "NATTER_DISCORD_DAILY_QUOTA")]
+    discord_daily_quota: Option<u64>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -82,6 +116,30 @@ fn main() -> anyhow::Result<()> {
         };
         Some((bot, cli.telegram_store.unwrap_or(file.telegram.store.clone())))
     };
+    let token = cli.discord_token.unwrap_or(file.discord.token.clone());
+    let discord = if token.trim().is_empty() {
+        None
+    } else {
+        let non_empty = |url: String| Some(url).filter(|u| !u.trim().is_empty());
+        let quota = cli.discord_daily_quota.unwrap_or(file.discord.daily_quota);
+        let bot = natter_bots::discord::DiscordConfig {
+            token: token.trim().to_string(),
+            api_url: non_empty(cli.discord_api_url.unwrap_or(file.discord.api_url.clone())),
+            gateway_url: non_empty(cli.discord_gateway_url.unwrap_or(file.discord.gateway_url.clone())),
+            limits: natter_bots::relay::RelayLimits::discord(),
+            default_models: catalog.models.iter().filter(|m| m.default).map(|m| m.id.clone()).collect(),
+            access: natter_bots::discord::Access {
+                users: cli.discord_users.unwrap_or(file.discord.users.clone()),
+                roles: cli.discord_roles.unwrap_or(file.discord.roles.clone()),
+                channels: cli.discord_channels.unwrap_or(file.discord.channels.clone()),
+                admins: cli.discord_admins.unwrap_or(file.discord.admins.clone()),
+                direct_messages: cli.discord_direct_messages.unwrap_or(file.discord.direct_messages),
+            },
+            daily_quota: (quota > 0).then_some(quota),
+            job_timeout: Duration::from_secs_f64(timeout),
+        };
+        Some((bot, cli.discord_store.unwrap_or(file.discord.store.clone())))
+    };
     let config = natter_bots::BotsConfig {
         nats_url: cli.nats_url.unwrap_or(file.nats.url),
         jetstream: file.jetstream,
@@ -90,6 +148,7 @@ fn main() -> anyhow::Result<()> {
         job_timeout: Duration::from_secs_f64(timeout),
         max_upload: cli.max_upload,
         telegram,
+        discord,
     };
     tokio::runtime::Runtime::new()?.block_on(natter_bots::run(config, natter_shared::shutdown::signal()))?;
     Ok(())

@@ -37,6 +37,9 @@ const CURRENT: TableDefinition<(&str, &str), u64> = TableDefinition::new("curren
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 /// (user, Julian day) → jobs submitted that day.
 const DAILY_JOBS: TableDefinition<(&str, i32), u64> = TableDefinition::new("daily_jobs");
+/// (chat, platform message id) → the conversation a finished answer in that
+/// message belongs to, so replying to it continues that conversation.
+const ANSWERS: TableDefinition<(&str, &str), u64> = TableDefinition::new("answers");
 /// Counters such as the next conversation id.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -97,6 +100,11 @@ impl UserId {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The platform part: `telegram` of `telegram:123`.
+    pub fn platform(&self) -> &str {
+        self.0.split_once(':').map_or("", |(platform, _)| platform)
     }
 }
 
@@ -170,6 +178,10 @@ pub struct JobRecord {
     pub messages: Vec<String>,
     /// The conversation the answer is appended to once complete.
     pub conversation: Option<u64>,
+    /// How the platform reaches the reply besides the chat, e.g. the Discord
+    /// interaction token its messages are edited through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_via: Option<String>,
     #[serde(with = "time::serde::timestamp::milliseconds_i64")]
     pub started: OffsetDateTime,
 }
@@ -514,15 +526,45 @@ impl Store {
     }
 
     /// Forgets a job whose reply is complete; returns its record if it had one.
+    /// The reply's messages are remembered as its conversation's answers.
     pub async fn finish_job(&self, job: Uuid) -> Result<Option<JobRecord>, StoreError> {
         self.call(move |db| {
             let tx = db.begin_write()?;
-            let record = match tx.open_table(JOBS)?.remove(job.to_string().as_str())? {
+            let record: Option<JobRecord> = match tx.open_table(JOBS)?.remove(job.to_string().as_str())? {
                 Some(bytes) => Some(serde_json::from_slice(bytes.value())?),
                 None => None,
             };
+            if let Some(JobRecord { chat, messages, conversation: Some(conversation), .. }) = &record {
+                let mut answers = tx.open_table(ANSWERS)?;
+                for message in messages {
+                    answers.insert((chat.as_str(), message.as_str()), *conversation)?;
+                }
+            }
             tx.commit()?;
             Ok(record)
+        })
+        .await
+    }
+
+    /// The user's conversation that `message` in `chat` answered, if it was
+    /// theirs: replying to someone else's answer continues nothing of theirs.
+    pub async fn answered_conversation(
+        &self,
+        user: &UserId,
+        chat: &str,
+        message: &str,
+    ) -> Result<Option<Conversation>, StoreError> {
+        let (user, chat, message) = (user.clone(), chat.to_owned(), message.to_owned());
+        self.call(move |db| {
+            let tx = db.begin_read()?;
+            let Some(id) = tx.open_table(ANSWERS)?.get((chat.as_str(), message.as_str()))?.map(|v| v.value()) else {
+                return Ok(None);
+            };
+            match owned_conversation(&tx.open_table(CONVERSATIONS)?, &user, id) {
+                Ok(conversation) => Ok(Some(conversation)),
+                Err(StoreError::NoSuchConversation(_)) => Ok(None),
+                Err(e) => Err(e),
+            }
         })
         .await
     }
@@ -613,6 +655,7 @@ fn open_db(path: &Path) -> Result<Database, StoreError> {
     tx.open_table(JOBS)?;
     tx.open_table(DAILY_JOBS)?;
     tx.open_table(META)?;
+    tx.open_table(ANSWERS)?;
     tx.commit()?;
     Ok(db)
 }
@@ -691,6 +734,7 @@ mod tests {
             chat: "telegram:10".into(),
             messages: messages.iter().map(|m| m.to_string()).collect(),
             conversation,
+            reply_via: None,
             started: now(),
         }
     }
@@ -774,6 +818,27 @@ mod tests {
         // Settings are per user too.
         store.set_settings(&alice(), Settings { model: Some("big".into()), ..Settings::default() }).await.unwrap();
         assert_eq!(store.user_settings(&bob()).await.unwrap(), Settings::default());
+    }
+
+    #[tokio::test]
+    async fn a_finished_answer_leads_back_to_its_conversation_for_its_owner_only() {
+        let (_dir, store) = store().await;
+        let first = store.new_conversation(&alice(), "telegram:10", Some("first".into())).await.unwrap();
+        let answer = job(&alice(), Some(first.id), &["501", "502"]);
+        store.record_job(answer.clone()).await.unwrap();
+        // Not before the answer is complete.
+        assert_eq!(store.answered_conversation(&alice(), "telegram:10", "502").await.unwrap(), None);
+        store.finish_job(answer.job).await.unwrap();
+        store.new_conversation(&alice(), "telegram:10", Some("second".into())).await.unwrap();
+        let found = store.answered_conversation(&alice(), "telegram:10", "502").await.unwrap();
+        assert_eq!(found.map(|c| c.id), Some(first.id));
+        // Bob replying to Alice's answer, another chat's message, an unknown one: nothing.
+        assert_eq!(store.answered_conversation(&bob(), "telegram:10", "502").await.unwrap(), None);
+        assert_eq!(store.answered_conversation(&alice(), "telegram:11", "502").await.unwrap(), None);
+        assert_eq!(store.answered_conversation(&alice(), "telegram:10", "999").await.unwrap(), None);
+        // A deleted conversation is gone for its answers too.
+        store.delete_conversation(&alice(), first.id).await.unwrap();
+        assert_eq!(store.answered_conversation(&alice(), "telegram:10", "501").await.unwrap(), None);
     }
 
     #[tokio::test]

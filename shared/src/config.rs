@@ -24,6 +24,51 @@ pub struct FileConfig {
     pub worker: WorkerSection,
     pub http: HttpSection,
     pub telegram: TelegramSection,
+    pub discord: DiscordSection,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiscordSection {
+    /// The bot's token from the Developer Portal; empty leaves the Discord bot
+    /// off. Better kept in the environment (DISCORD_BOT_TOKEN) than in a file.
+    pub token: String,
+    /// The REST API's base URL in place of `https://discord.com` (a proxy, or
+    /// a fake in tests); empty for Discord itself.
+    pub api_url: String,
+    /// The gateway's WebSocket URL; empty for the one the REST API names.
+    pub gateway_url: String,
+    /// The redb file holding users, settings and conversations.
+    pub store: std::path::PathBuf,
+    /// User ids allowed to use the bot; with `roles`, empty lets everyone in.
+    pub users: Vec<u64>,
+    /// Role ids whose members may use the bot.
+    pub roles: Vec<u64>,
+    /// Server channels the bot answers in; empty: all of them.
+    pub channels: Vec<u64>,
+    /// User ids that may always use the bot and see `/stats`.
+    pub admins: Vec<u64>,
+    /// Whether the bot answers direct messages.
+    pub direct_messages: bool,
+    /// Jobs one user may start per day (UTC); 0 means no limit.
+    pub daily_quota: u64,
+}
+
+impl Default for DiscordSection {
+    fn default() -> Self {
+        DiscordSection {
+            token: String::new(),
+            api_url: String::new(),
+            gateway_url: String::new(),
+            store: "data/discord.redb".into(),
+            users: Vec::new(),
+            roles: Vec::new(),
+            channels: Vec::new(),
+            admins: Vec::new(),
+            direct_messages: true,
+            daily_quota: 0,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -179,6 +179,7 @@ pub async fn start_http(nats: &NatsServer, catalog: Catalog) -> (String, oneshot
     let url = format!("http://{}", listener.local_addr().unwrap());
     let config = natter_bots::BotsConfig {
         telegram: None,
+        discord: None,
         nats_url: nats.url(),
         jetstream: JetStreamSettings::default(),
         catalog,

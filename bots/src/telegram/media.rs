@@ -3,13 +3,12 @@
 //! speech-to-text jobs whose transcript comes back and, unless the user chose
 //! transcripts only, is then answered as a chat turn.
 
-use super::jobs::{chat_turn, follow, with_note, Slot};
+use super::jobs::chat_turn;
 use super::sink::ChatSink;
 use super::{Context, Talk, MAX_DOWNLOAD};
-use crate::client::{AsrUpdate, OcrUpdate};
+use crate::chatbot::{follow, Slot};
 use crate::relay::Relay;
-use futures::StreamExt;
-use natter_shared::proto::{AsrInput, AsrTask, Blob, Job, JobInput, JobKind, OcrInput, Origin};
+use natter_shared::proto::{Blob, JobKind};
 use std::sync::{Arc, Mutex};
 use teloxide::net::Download;
 use teloxide::prelude::Requester;
@@ -80,7 +79,7 @@ pub(super) async fn handle(context: &Context, talk: &Talk, message: &Message) ->
         Media::Image { file, mime } => read_image(context, talk, file, &mime).await?,
         Media::Sound { file, mime } => {
             if let Some(transcript) = transcribe(context, talk, file, &mime).await? {
-                let settings = context.store.user_settings(&talk.user).await?;
+                let settings = context.assistant.store.user_settings(&talk.user).await?;
                 if !settings.voice_transcript_only {
                     chat_turn(context, talk, transcript).await?;
                 }
@@ -121,10 +120,6 @@ async fn download(context: &Context, file: &FileMeta) -> anyhow::Result<Result<V
     Ok(Ok(bytes))
 }
 
-fn origin(talk: &Talk) -> Origin {
-    Origin { frontend: "telegram".into(), user: talk.user.to_string(), conversation: None }
-}
-
 /// What a file job needs before it is submitted: the user's job slot, a
 /// served model of `kind`, and the file in the blob store. `None` once the
 /// user has been told why not.
@@ -135,11 +130,12 @@ async fn prepare(
     file: &FileMeta,
     mime: &str,
 ) -> anyhow::Result<Option<(Slot, String, Blob)>> {
-    let Some(slot) = context.begin_job(talk).await? else { return Ok(None) };
-    let Some(model) = context.model_for(kind, None).await else {
-        let what = if kind == JobKind::Ocr { "OCR" } else { "speech-to-text" };
-        context.say(talk, &format!("No {what} model is being served right now; please try again later.")).await?;
-        return Ok(None);
+    let (slot, model) = match context.assistant.begin_file_job(&talk.user, talk.admin, kind).await? {
+        Ok(ready) => ready,
+        Err(refusal) => {
+            context.say(talk, &refusal).await?;
+            return Ok(None);
+        }
     };
     let bytes = match download(context, file).await? {
         Ok(bytes) => bytes,
@@ -148,7 +144,7 @@ async fn prepare(
             return Ok(None);
         }
     };
-    Ok(Some((slot, model, context.client.put_blob(bytes, mime).await?)))
+    Ok(Some((slot, model, context.assistant.client.put_blob(bytes, mime).await?)))
 }
 
 /// Shows a file job's texts as one streamed reply.
@@ -159,7 +155,8 @@ async fn show(
     model: String,
     texts: impl futures::Stream<Item = Option<String>> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let shown = follow(context.client.clone(), Some((kind, model)), context.config.job_timeout, texts);
+    let assistant = &context.assistant;
+    let shown = follow(assistant.client.clone(), Some((kind, model)), assistant.job_timeout, texts);
     let sink = ChatSink::new(context.bot.clone(), talk.chat, talk.reply_to);
     Relay::new(sink, context.limits(talk.group)).run(shown).await?;
     Ok(())
@@ -168,28 +165,7 @@ async fn show(
 /// Reads the text in an image; the lines appear as the worker reads them.
 async fn read_image(context: &Context, talk: &Talk, file: &FileMeta, mime: &str) -> anyhow::Result<()> {
     let Some((slot, model, image)) = prepare(context, talk, JobKind::Ocr, file, mime).await? else { return Ok(()) };
-    let job = Job::new(model.clone(), origin(talk), JobInput::Ocr(OcrInput { image }));
-    let updates = context.client.ocr_updates(job.id).await?;
-    context.client.submit(&job).await?;
-    slot.holds(job.id);
-    let texts = updates.scan(Vec::<String>::new(), |lines, update| {
-        let shown = match update {
-            OcrUpdate::Accepted { .. } => None,
-            OcrUpdate::Line(line) => {
-                lines.push(line.text);
-                Some(format!("📝 {}", lines.join("\n")))
-            }
-            OcrUpdate::Restart { .. } => {
-                lines.clear();
-                Some(String::new())
-            }
-            OcrUpdate::Done { text, .. } if text.trim().is_empty() => Some("I found no text in this image.".into()),
-            OcrUpdate::Done { text, .. } => Some(text),
-            OcrUpdate::Failed { message, .. } => Some(format!("⚠️ I couldn't read this image: {message}")),
-            OcrUpdate::Cancelled => Some(with_note(&lines.join("\n"), "(stopped)")),
-        };
-        futures::future::ready(Some(shown))
-    });
+    let texts = context.assistant.read_image(&slot, &talk.user, &model, image).await?;
     show(context, talk, JobKind::Ocr, model, texts).await
 }
 
@@ -197,37 +173,8 @@ async fn read_image(context: &Context, talk: &Talk, file: &FileMeta, mime: &str)
 /// is one to answer.
 async fn transcribe(context: &Context, talk: &Talk, file: &FileMeta, mime: &str) -> anyhow::Result<Option<String>> {
     let Some((slot, model, audio)) = prepare(context, talk, JobKind::Asr, file, mime).await? else { return Ok(None) };
-    let input = AsrInput { audio, language: None, task: AsrTask::Transcribe };
-    let job = Job::new(model.clone(), origin(talk), JobInput::Asr(input));
-    let updates = context.client.asr_updates(job.id).await?;
-    context.client.submit(&job).await?;
-    slot.holds(job.id);
     let transcript = Arc::new(Mutex::new(None));
-    let keep = transcript.clone();
-    let texts = updates.scan(Vec::<String>::new(), move |segments, update| {
-        let shown = match update {
-            AsrUpdate::Accepted { .. } => None,
-            AsrUpdate::Segment(segment) => {
-                segments.push(segment.text.trim().to_string());
-                Some(format!("🎙️ {}", segments.join(" ")))
-            }
-            AsrUpdate::Restart { .. } => {
-                segments.clear();
-                Some(String::new())
-            }
-            AsrUpdate::Done { text, .. } if text.trim().is_empty() => Some("🎙️ (I heard no speech.)".into()),
-            AsrUpdate::Done { text, .. } => {
-                let text = text.trim().to_string();
-                if let Ok(mut transcript) = keep.lock() {
-                    *transcript = Some(text.clone());
-                }
-                Some(format!("🎙️ {text}"))
-            }
-            AsrUpdate::Failed { message, .. } => Some(format!("⚠️ I couldn't transcribe this: {message}")),
-            AsrUpdate::Cancelled => Some(with_note(&segments.join(" "), "(stopped)")),
-        };
-        futures::future::ready(Some(shown))
-    });
+    let texts = context.assistant.transcribe(&slot, &talk.user, &model, audio, transcript.clone()).await?;
     show(context, talk, JobKind::Asr, model, texts).await?;
     drop(slot);
     Ok(transcript.lock().ok().and_then(|t| t.clone()))

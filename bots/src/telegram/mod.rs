@@ -13,20 +13,17 @@ mod jobs;
 mod media;
 mod sink;
 
+use crate::chatbot::Assistant;
 use crate::client::JobClient;
-use crate::fleet::Fleet;
 use crate::relay::RelayLimits;
 use crate::store::{Store, UserId};
-use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use teloxide::payloads::{GetUpdatesSetters, SendMessageSetters};
 use teloxide::prelude::Requester;
 use teloxide::types::{ChatId, Me, Message, MessageId, ReplyParameters, UpdateKind, User};
 use teloxide::{Bot, RequestError};
-use uuid::Uuid;
 
 /// The largest file the Bot API lets a bot download.
 pub const MAX_DOWNLOAD: u32 = 20 * 1024 * 1024;
@@ -105,14 +102,8 @@ pub enum TelegramError {
 struct Context {
     bot: Bot,
     me: Me,
-    client: JobClient,
-    fleet: Fleet,
-    store: Store,
+    assistant: Assistant,
     config: TelegramConfig,
-    /// Each user's job in flight (`None` while it is being prepared): one per user.
-    running: Arc<Mutex<HashMap<UserId, Option<Uuid>>>>,
-    /// Tokens generated for answers since the bot started, for `/stats`.
-    tokens: Arc<AtomicU64>,
 }
 
 /// Who is talking, where, and how replies go back.
@@ -162,16 +153,15 @@ pub async fn run(
         tracing::warn!("setMyCommands failed; the command menu may be stale: {e}");
     }
     let poll_timeout = config.poll_timeout;
-    let context = Arc::new(Context {
-        bot: bot.clone(),
-        me,
-        fleet: Fleet::new(client.nats().clone()),
+    let assistant = Assistant::new(
+        "telegram",
         client,
-        store: store.clone(),
-        config,
-        running: Arc::default(),
-        tokens: Arc::default(),
-    });
+        store.clone(),
+        config.default_models.clone(),
+        config.daily_quota,
+        config.job_timeout,
+    );
+    let context = Arc::new(Context { bot: bot.clone(), me, assistant, config });
     // Every update's task lives here, so shutdown stops them all; replies cut
     // off that way stay in the store's job map and the next start finishes them.
     let mut tasks = tokio::task::JoinSet::new();
@@ -249,13 +239,13 @@ impl Context {
             return Ok(());
         }
         let talk = Talk {
-            user: UserId::new("telegram", from.id.0),
+            user: self.assistant.user_id(from.id.0),
             chat: message.chat.id,
             reply_to: group.then_some(message.id),
             group,
             admin: self.config.access.is_admin(from),
         };
-        self.store.touch_user(&talk.user).await?;
+        self.assistant.store.touch_user(&talk.user).await?;
         if media::handle(&self, &talk, &message).await? {
             return Ok(());
         }

@@ -86,7 +86,8 @@ struct Cli {
 fn main() -> anyhow::Result<()> {
     natter_shared::telemetry::init();
     let cli = Cli::parse();
-    let user_named = std::env::var_os("NATTER_CONFIG").is_some() || cli.config != std::path::Path::new("config/natter.toml");
+    let user_named =
+        std::env::var_os("NATTER_CONFIG").is_some() || cli.config != std::path::Path::new("config/natter.toml");
     let file = FileConfig::load(&cli.config, user_named)?;
     let catalog = Catalog::load(cli.catalog.as_ref().unwrap_or(&file.models.catalog))?;
     let timeout = cli.job_timeout.unwrap_or(file.http.job_timeout_secs);

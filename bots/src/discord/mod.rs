@@ -222,7 +222,9 @@ pub async fn run(
         // Model output must never ping @everyone, roles or people.
         .default_allowed_mentions(CreateAllowedMentions::new().replied_user(false));
     if let Some(url) = &config.api_url {
-        http = http.proxy(url.trim_end_matches('/'));
+        // serenity's rate limiter sends every request to discord.com whatever
+        // the proxy, so it is off here; the sink waits out 429s instead.
+        http = http.proxy(url.trim_end_matches('/')).ratelimiter_disabled(true);
     }
     let intents = GatewayIntents::GUILD_MESSAGES | GatewayIntents::DIRECT_MESSAGES | GatewayIntents::MESSAGE_CONTENT;
     let (events_tx, mut events) = mpsc::channel(EVENT_QUEUE);

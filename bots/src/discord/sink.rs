@@ -11,8 +11,12 @@ use serenity::all::{
     Builder, ChannelId, CreateInteractionResponseFollowup, CreateMessage, EditInteractionResponse, EditMessage, Http,
     HttpError, MessageId, MessageReference, ModelError,
 };
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The longest a sink waits after a 429 before it tries again.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Whether an interaction's deferred ("thinking…") response has been filled
 /// in yet: the first message of its reply replaces it, later ones follow it.
@@ -39,12 +43,22 @@ pub(super) struct DiscordSink {
     original: Mutex<Option<MessageId>>,
     /// Whether a message of the reply has quoted what it answers: only the first does.
     quoted: AtomicBool,
+    /// 429s in a row, for the backoff when serenity's rate limiter is off.
+    rate_limited: AtomicU32,
     record: Option<(Store, Mutex<JobRecord>)>,
 }
 
 impl DiscordSink {
     pub(super) fn new(http: Arc<Http>, channel: ChannelId, reply: ReplyTo) -> Self {
-        DiscordSink { http, channel, reply, original: Mutex::new(None), quoted: AtomicBool::new(false), record: None }
+        DiscordSink {
+            http,
+            channel,
+            reply,
+            original: Mutex::new(None),
+            quoted: AtomicBool::new(false),
+            rate_limited: AtomicU32::new(0),
+            record: None,
+        }
     }
 
     /// Picks up a reply a previous run started: its first message quoted the
@@ -77,6 +91,30 @@ impl DiscordSink {
 
     fn is_original(&self, message: MessageId) -> bool {
         self.original.lock().is_ok_and(|o| *o == Some(message))
+    }
+
+    /// Maps a failed call onto what the relay does next. A 429 only gets here
+    /// with serenity's rate limiter off (behind a proxy), and serenity keeps
+    /// `retry_after` to itself then: the sink backs off 1, 2, 4… s until a
+    /// call passes, never calling sooner than Discord allows more than once.
+    fn error(&self, e: serenity::Error) -> SinkError {
+        match e {
+            serenity::Error::Http(HttpError::UnsuccessfulRequest(response)) if response.status_code.as_u16() == 429 => {
+                let in_a_row = self.rate_limited.fetch_add(1, Ordering::SeqCst).min(5);
+                SinkError::RetryAfter((Duration::from_secs(1) * 2u32.pow(in_a_row)).min(MAX_BACKOFF))
+            }
+            e => sink_error(e),
+        }
+    }
+
+    fn passed<T>(&self, result: Result<T, serenity::Error>) -> Result<T, SinkError> {
+        match result {
+            Ok(value) => {
+                self.rate_limited.store(0, Ordering::SeqCst);
+                Ok(value)
+            }
+            Err(e) => Err(self.error(e)),
+        }
     }
 }
 
@@ -125,10 +163,10 @@ impl Sink for DiscordSink {
                 if let Some(id) = reference.filter(|_| !self.quoted.swap(true, Ordering::SeqCst)) {
                     message = message.reference_message(MessageReference::from((self.channel, id)));
                 }
-                self.channel.send_message(&self.http, message).await.map_err(sink_error)?.id
+                self.passed(self.channel.send_message(&self.http, message).await)?.id
             }
             ReplyTo::Interaction { token, deferred } => {
-                let id = interaction_say(&self.http, token, deferred, text).await.map_err(sink_error)?;
+                let id = self.passed(interaction_say(&self.http, token, deferred, text).await)?;
                 if let Ok(mut original) = self.original.lock() {
                     original.get_or_insert(id);
                 }
@@ -153,7 +191,7 @@ impl Sink for DiscordSink {
                 .await
                 .map(|_| ()),
         };
-        result.map_err(sink_error)
+        self.passed(result)
     }
 
     async fn delete(&self, message: &MessageId) -> Result<(), SinkError> {
@@ -164,7 +202,7 @@ impl Sink for DiscordSink {
             }
             ReplyTo::Interaction { token, .. } => self.http.delete_followup_message(token, *message).await,
         };
-        result.map_err(sink_error)?;
+        self.passed(result)?;
         let gone = message.to_string();
         self.update_record(|messages| messages.retain(|m| *m != gone)).await;
         Ok(())
@@ -172,7 +210,7 @@ impl Sink for DiscordSink {
 
     async fn typing(&self) -> Result<(), SinkError> {
         match self.reply {
-            ReplyTo::Channel { .. } => self.channel.broadcast_typing(&self.http).await.map_err(sink_error),
+            ReplyTo::Channel { .. } => self.passed(self.channel.broadcast_typing(&self.http).await),
             // A deferred interaction already shows "thinking…".
             ReplyTo::Interaction { .. } => Ok(()),
         }

@@ -195,26 +195,27 @@ async fn a_mention_gets_a_streamed_answer_and_a_reply_continues_its_conversation
     assert!(!bobs[0].iter().any(|(_, text)| text.contains("France")));
 }
 
-/// Asks for an answer long enough to need three messages, with code in it.
+/// Asks for an answer long enough to need several messages.
 async fn ask_for_a_long_answer(fake: &FakeDiscord, user: u64) -> u64 {
     slash(
         fake,
         CHANNEL,
         user,
         "settings",
-        json!([{"name": "max_tokens", "type": 4, "value": 1800}, {"name": "temperature", "type": 10, "value": 0.0}]),
-        "Max answer tokens: 1800",
+        json!([{"name": "max_tokens", "type": 4, "value": 2600}, {"name": "temperature", "type": 10, "value": 0.0}]),
+        "Max answer tokens: 2600",
     )
     .await;
+    // SmolLM2 writes on for the whole budget here: about 9,700 characters.
     fake.mention(
         GUILD,
         CHANNEL,
         user,
-        "Write a long Python program for a library management system with many classes and functions, in one code block.",
+        "Write a very long, detailed essay about the history of the Roman Empire, with many sections. End with a Python program that lists the emperors.",
     )
 }
 
-/// The shown messages in order, each with balanced code fences.
+/// Every message with its code fences balanced.
 fn assert_fences_balanced(messages: &[String]) {
     for message in messages {
         let fences = message.lines().filter(|l| l.trim_start().starts_with("```")).count();
@@ -223,7 +224,7 @@ fn assert_fences_balanced(messages: &[String]) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_long_answer_is_split_on_code_fences_and_a_restarted_bot_finishes_it() {
+async fn a_long_answer_is_split_and_a_restarted_bot_finishes_it() {
     let stack = Stack::start(&[REAL_MODEL]).await;
     let fake = FakeDiscord::start().await;
     let dir = tempfile::tempdir().unwrap();
@@ -239,6 +240,7 @@ async fn a_long_answer_is_split_on_code_fences_and_a_restarted_bot_finishes_it()
     let first_answer_message = fake.message_ids(CHANNEL)[replies_before];
 
     let bot = Bot::start(&stack, &fake, &path).await;
+    // Finished in the same first message, continued in new ones past 2000 characters.
     fake.wait_for(CHANNEL, Duration::from_secs(600), |t| t.len() >= replies_before + 3).await;
     settle(&fake, Duration::from_secs(5)).await;
     bot.stop().await;
@@ -249,17 +251,97 @@ async fn a_long_answer_is_split_on_code_fences_and_a_restarted_bot_finishes_it()
     );
     let texts = fake.channel_texts(CHANNEL);
     let answer = &texts[replies_before..];
-    assert!(answer.len() >= 3, "{} messages", answer.len());
-    assert!(answer.iter().all(|t| t.chars().count() <= 2000));
+    let sizes: Vec<usize> = answer.iter().map(|t| t.chars().count()).collect();
+    assert!(sizes.iter().sum::<usize>() >= 5000 && sizes.iter().all(|n| *n <= 2000), "message sizes {sizes:?}");
     assert_fences_balanced(answer);
     let stored = stored_conversations(&path, me, &format!("{GUILD}/{CHANNEL}")).await;
     let stored = stored[0].iter().find(|(role, _)| *role == Role::Assistant).expect("the answer was kept").1.clone();
-    assert!(stored.chars().count() >= 5000, "{} chars", stored.chars().count());
-    assert!(stored.contains("```"), "the model wrote no code block:\n{stored}");
-    // A block cut across messages is closed and reopened: the continuation starts with its fence.
-    assert!(answer[1..].iter().any(|t| t.starts_with("```")), "no split fell inside the code block");
-    let squeeze = |s: &str| s.replace("```python", "").replace("```", "").split_whitespace().collect::<String>();
+    let squeeze = |s: &str| s.split_whitespace().collect::<String>();
     assert_eq!(squeeze(&answer.join("\n")), squeeze(&stored), "the messages differ from the answer");
+}
+
+/// An answer with a code block longer than a Discord message: a tiny model
+/// does not write one on request, so a stand-in worker on the real NATS
+/// streams it, token by token, as a worker would.
+fn scripted_answer() -> String {
+    let mut code = String::new();
+    for n in 1..=90 {
+        code.push_str(&format!("def emperor_{n}():\n    \"\"\"The {n}th emperor.\"\"\"\n    return {n}\n\n"));
+    }
+    format!("Here is the program:\n\n```python\n{code}```\n\nRun it with `python3 emperors.py`.")
+}
+
+/// Serves `model` for chat jobs as a worker would, answering every job with `answer`.
+async fn scripted_worker(nats: &async_nats::Client, model: &'static str, answer: String) {
+    use natter_shared::proto::{Event, EventBody, FinishReason, Job, JobKind, JobResult, Metrics, V1};
+    let mut info = nats.subscribe(format!("$SRV.INFO.{}", natter_shared::subjects::WORKER_SERVICE)).await.unwrap();
+    let mut jobs = nats.subscribe(natter_shared::subjects::job(JobKind::Chat, model)).await.unwrap();
+    nats.flush().await.unwrap();
+    let client = nats.clone();
+    tokio::spawn(async move {
+        while let Some(msg) = futures::StreamExt::next(&mut info).await {
+            let reply = json!({"id": "scripted", "version": "0.0.0", "metadata": {
+                "worker": "scripted", "kinds": "chat", "models": model, "served": format!("chat:{model}"),
+            }});
+            let _ = client.publish(msg.reply.unwrap(), reply.to_string().into()).await;
+        }
+    });
+    let js = async_nats::jetstream::new(nats.clone());
+    tokio::spawn(async move {
+        while let Some(msg) = futures::StreamExt::next(&mut jobs).await {
+            let job: Job = serde_json::from_slice(&msg.payload).unwrap();
+            let mut bodies = vec![EventBody::Accepted { worker: "scripted".into(), model: model.into() }];
+            let chars: Vec<char> = answer.chars().collect();
+            bodies.extend(chars.chunks(12).map(|piece| EventBody::Token { text: piece.iter().collect() }));
+            bodies.push(EventBody::Done {
+                result: JobResult::Chat { text: answer.clone(), finish_reason: FinishReason::Stop },
+                metrics: Metrics::default(),
+            });
+            for (seq, body) in bodies.into_iter().enumerate() {
+                let event = Event { v: V1, job_id: job.id, attempt: 1, seq: seq as u64 + 1, body };
+                let subject = natter_shared::subjects::events(job.id);
+                js.publish(subject, serde_json::to_vec(&event).unwrap().into()).await.unwrap().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_code_block_cut_across_messages_is_closed_and_reopened() {
+    let stack = Stack::start(&[TINY_MODEL]).await;
+    let nats = async_nats::connect(stack.nats.url()).await.unwrap();
+    let answer = scripted_answer();
+    assert!(answer.chars().count() > 4000);
+    scripted_worker(&nats, "scripted-coder", answer.clone()).await;
+    let fake = FakeDiscord::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let bot = Bot::start_with(&stack, &fake, &dir.path().join("bot.redb"), |config| {
+        config.default_models = vec!["scripted-coder".into()];
+    })
+    .await;
+
+    // Through /chat: the deferred response, then follow-ups.
+    let prompt = json!([{"name": "prompt", "type": 3, "value": "Write a program listing the emperors."}]);
+    fake.slash(Some(GUILD), CHANNEL, 5, "chat", prompt);
+    fake.wait_for(CHANNEL, Duration::from_secs(60), |t| {
+        t.last().is_some_and(|t| t.ends_with("`python3 emperors.py`."))
+    })
+    .await;
+    settle(&fake, Duration::from_secs(2)).await;
+    bot.stop().await;
+    let messages = fake.channel_texts(CHANNEL);
+    assert!(messages.len() >= 3, "{messages:?}");
+    assert!(messages.iter().all(|m| m.chars().count() <= 2000));
+    assert_fences_balanced(&messages);
+    assert!(messages[1].starts_with("```python\n"), "the block is reopened with its language: {messages:?}");
+    // Without the fences, the messages are the answer.
+    let text =
+        |s: &str| s.lines().filter(|l| !l.starts_with("```")).flat_map(|l| l.split_whitespace()).collect::<String>();
+    assert_eq!(text(&messages.join("\n")), text(&answer));
+    let webhooks: Vec<_> = fake.calls().into_iter().filter(|c| c.path.starts_with("/webhooks/")).collect();
+    assert!(webhooks.iter().any(|c| c.method == "PATCH" && c.path.ends_with("/@original")));
+    assert!(webhooks.iter().filter(|c| c.method == "POST").count() >= 2, "continued in follow-ups");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -538,6 +620,8 @@ async fn access_lists_direct_messages_and_the_quota_are_enforced() {
     // A member with the role is answered; someone with neither role nor listing is not.
     fake.guild_message(GUILD, CHANNEL, member, &[role], json!({"content": format!("<@{BOT_ID}> What is the capital of France?"), "mentions": [fake_discord::bot_user()]}));
     fake.wait_for(CHANNEL, Duration::from_secs(120), |t| t.iter().any(|t| t.contains("Paris"))).await;
+    // Until the answer is complete.
+    settle(&fake, Duration::from_secs(3)).await;
     fake.mention(GUILD, CHANNEL, outsider, "Hello?");
     fake.wait_for(CHANNEL, Duration::from_secs(30), |t| t.iter().any(|t| t.contains("this bot is private"))).await;
     // Another channel, and direct messages, are off.

@@ -29,11 +29,14 @@ struct ServiceInfo {
     metadata: HashMap<String, String>,
 }
 
+/// The workers last discovered, and when.
+type Discovered = Option<(Instant, Vec<WorkerInfo>)>;
+
 /// Discovery with a short cache, so a burst of requests asks the fleet once.
 #[derive(Clone)]
 pub struct Fleet {
     client: async_nats::Client,
-    cache: Arc<Mutex<Option<(Instant, Vec<WorkerInfo>)>>>,
+    cache: Arc<Mutex<Discovered>>,
     ttl: Duration,
 }
 

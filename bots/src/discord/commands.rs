@@ -1,4 +1,5 @@
-//! Slash commands, registered when the bot connects, and the select menus
+//! Slash commands, registered when the bot connects and again when the
+//! fleet's chat models change, and the select menus
 //! some of them answer with. Every interaction is deferred at once, inside
 //! Discord's three-second window, and then answered through its responses;
 //! replies about a user's own data are ephemeral, seen by them alone.
@@ -76,11 +77,22 @@ fn definitions(models: &[String]) -> Vec<CreateCommand> {
     ]
 }
 
-/// Registers the global commands; a failure is logged, the bot keeps answering mentions.
+/// Registers the global commands when the fleet's chat models differ from the
+/// ones `/model` offers (on connecting, and as workers come and go); a failure
+/// is logged and tried again next time, the bot keeps answering mentions.
 pub(super) async fn register(context: &Context) {
-    let models = context.assistant.fleet.models(JobKind::Chat).await;
-    if let Err(e) = Command::set_global_commands(&context.http, definitions(&models)).await {
-        tracing::warn!("registering the slash commands failed: {e}");
+    let mut models = context.assistant.fleet.models(JobKind::Chat).await;
+    models.sort();
+    let Ok(mut registered) = context.registered.lock().map(|r| r.clone()) else { return };
+    if registered.as_ref() == Some(&models) {
+        return;
+    }
+    match Command::set_global_commands(&context.http, definitions(&models)).await {
+        Ok(_) => registered = Some(models),
+        Err(e) => tracing::warn!("registering the slash commands failed: {e}"),
+    }
+    if let Ok(mut slot) = context.registered.lock() {
+        *slot = registered;
     }
 }
 

@@ -31,6 +31,8 @@ use tokio::sync::mpsc;
 pub const MAX_DOWNLOAD: u64 = 25 * 1024 * 1024;
 /// Events waiting for the bot's loop before the gateway handler waits its turn.
 const EVENT_QUEUE: usize = 256;
+/// How often the fleet is checked for chat models that `/model` should offer.
+const COMMANDS_REFRESH: Duration = Duration::from_secs(60);
 
 #[derive(Clone)]
 pub struct DiscordConfig {
@@ -170,6 +172,8 @@ struct Context {
     assistant: Assistant,
     /// Fetches attachments, with natter's own size limit.
     downloads: reqwest::Client,
+    /// The chat models `/model` offers as registered, once registered.
+    registered: std::sync::Mutex<Option<Vec<String>>>,
     config: DiscordConfig,
 }
 
@@ -240,6 +244,7 @@ pub async fn run(
         http: gateway.http.clone(),
         me: OnceLock::new(),
         downloads: reqwest::Client::new(),
+        registered: std::sync::Mutex::new(None),
         assistant: Assistant::new(
             "discord",
             client,
@@ -259,10 +264,16 @@ pub async fn run(
     // off that way stay in the store's job map and the next start finishes them.
     let mut tasks = tokio::task::JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
+    let mut refresh = tokio::time::interval_at(tokio::time::Instant::now() + COMMANDS_REFRESH, COMMANDS_REFRESH);
     loop {
         let event = tokio::select! {
             () = &mut shutdown => break,
             event = events.recv() => event,
+            _ = refresh.tick(), if context.me.get().is_some() => {
+                let context = context.clone();
+                tasks.spawn(async move { commands::register(&context).await });
+                continue;
+            }
         };
         while tasks.try_join_next().is_some() {}
         let Some(event) = event else { break };

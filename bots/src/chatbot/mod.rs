@@ -228,6 +228,22 @@ impl Assistant {
         Ok(format!("Now answering with {model}."))
     }
 
+    /// The user's conversation that the bot's `message` in `chat` answered,
+    /// made current there: replying to an answer carries its conversation on.
+    /// `None` for a message that answered someone else, or nothing known.
+    pub async fn conversation_answered_by(
+        &self,
+        user: &UserId,
+        chat: &str,
+        message: &str,
+    ) -> Result<Option<u64>, StoreError> {
+        let Some(conversation) = self.store.answered_conversation(user, chat, message).await? else {
+            return Ok(None);
+        };
+        self.store.switch_conversation(user, chat, conversation.id).await?;
+        Ok(Some(conversation.id))
+    }
+
     /// Adds `text` to a conversation of the user's in `chat` (`conversation`,
     /// else the current one, else a new one) and builds the job that answers
     /// it, recorded so a restart can finish its reply. `Err` carries what to

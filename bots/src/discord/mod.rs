@@ -347,12 +347,7 @@ impl Context {
         // A reply to one of the bot's answers continues that answer's conversation.
         let conversation = match replied_to {
             Some(answer) => {
-                let chat = talk.chat_key();
-                let found = self.assistant.store.answered_conversation(&talk.user, &chat, &answer.to_string()).await?;
-                if let Some(conversation) = &found {
-                    self.assistant.store.switch_conversation(&talk.user, &chat, conversation.id).await?;
-                }
-                found.map(|c| c.id)
+                self.assistant.conversation_answered_by(&talk.user, &talk.chat_key(), &answer.to_string()).await?
             }
             None => None,
         };

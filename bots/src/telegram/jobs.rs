@@ -59,11 +59,16 @@ impl Context {
     }
 }
 
-/// Answers one text message in the user's current conversation.
-pub(super) async fn chat_turn(context: &Context, talk: &Talk, text: String) -> anyhow::Result<()> {
+/// Answers one text message in `conversation`, or the user's current one here.
+pub(super) async fn chat_turn(
+    context: &Context,
+    talk: &Talk,
+    conversation: Option<u64>,
+    text: String,
+) -> anyhow::Result<()> {
     let Some(slot) = context.begin_job(talk).await? else { return Ok(()) };
     let assistant = &context.assistant;
-    let turn = match assistant.chat_turn(&talk.user, &talk.chat_key(), None, text).await? {
+    let turn = match assistant.chat_turn(&talk.user, &talk.chat_key(), conversation, text).await? {
         Ok(turn) => turn,
         Err(refusal) => {
             context.say(talk, &refusal).await?;

@@ -81,7 +81,7 @@ pub(super) async fn handle(context: &Context, talk: &Talk, message: &Message) ->
             if let Some(transcript) = transcribe(context, talk, file, &mime).await? {
                 let settings = context.assistant.store.user_settings(&talk.user).await?;
                 if !settings.voice_transcript_only {
-                    chat_turn(context, talk, transcript).await?;
+                    chat_turn(context, talk, None, transcript).await?;
                 }
             }
         }

@@ -256,7 +256,15 @@ impl Context {
                 if text.trim().is_empty() {
                     return Ok(());
                 }
-                jobs::chat_turn(&self, &talk, text).await
+                // A reply to one of the bot's answers continues that answer's conversation.
+                let conversation = match message.reply_to_message().filter(|_| self.replied_to(&message)) {
+                    Some(answer) => {
+                        let chat = talk.chat_key();
+                        self.assistant.conversation_answered_by(&talk.user, &chat, &answer.id.0.to_string()).await?
+                    }
+                    None => None,
+                };
+                jobs::chat_turn(&self, &talk, conversation, text).await
             }
         }
     }

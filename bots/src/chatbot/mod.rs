@@ -71,6 +71,32 @@ impl Drop for Slot {
     }
 }
 
+/// A reply's job record kept in step with the platform messages that show it,
+/// so a restarted bot edits those same messages instead of starting over.
+pub struct ReplyRecord {
+    store: Store,
+    record: Mutex<JobRecord>,
+}
+
+impl ReplyRecord {
+    pub fn new(store: Store, record: JobRecord) -> Self {
+        ReplyRecord { store, record: Mutex::new(record) }
+    }
+
+    /// Changes the record's message ids and stores it; a failure is logged,
+    /// the reply goes on.
+    pub async fn update(&self, change: impl FnOnce(&mut Vec<String>)) {
+        let snapshot = {
+            let Ok(mut record) = self.record.lock() else { return };
+            change(&mut record.messages);
+            record.clone()
+        };
+        if let Err(e) = self.store.record_job(snapshot).await {
+            tracing::warn!("could not record the reply's messages: {e}");
+        }
+    }
+}
+
 /// A chat job ready to submit, and where its reply is recorded.
 pub struct ChatTurn {
     pub job: Job,
@@ -165,14 +191,29 @@ impl Assistant {
             .or_else(|| served.into_iter().next())
     }
 
-    /// What a file job needs before its file is fetched: the user's slot and a
-    /// served model of `kind`; `Err` carries what to tell the user.
-    pub async fn begin_file_job(
+    /// This bot's replies that a previous run was streaming when it stopped,
+    /// oldest first.
+    pub async fn pending_replies(&self) -> Vec<JobRecord> {
+        match self.store.pending_jobs().await {
+            Ok(records) => records.into_iter().filter(|r| r.user.platform() == self.frontend).collect(),
+            Err(e) => {
+                tracing::error!("cannot read the replies to resume: {e}");
+                Vec::new()
+            }
+        }
+    }
+
+    /// What a file job needs before it is submitted: the user's slot, a served
+    /// model of `kind`, and the file (from `download`) in the blob store. `Err`
+    /// carries what to tell the user.
+    pub async fn prepare_file(
         &self,
         user: &UserId,
         admin: bool,
         kind: JobKind,
-    ) -> Result<Result<(Slot, String), String>, StoreError> {
+        mime: &str,
+        download: impl std::future::Future<Output = Result<Vec<u8>, String>>,
+    ) -> Result<Result<(Slot, String, Blob), String>, AssistantError> {
         let slot = match self.begin_job(user, admin).await? {
             Ok(slot) => slot,
             Err(refusal) => return Ok(Err(refusal)),
@@ -181,7 +222,11 @@ impl Assistant {
             let what = if kind == JobKind::Ocr { "OCR" } else { "speech-to-text" };
             return Ok(Err(format!("No {what} model is being served right now; please try again later.")));
         };
-        Ok(Ok((slot, model)))
+        let bytes = match download.await {
+            Ok(bytes) => bytes,
+            Err(reason) => return Ok(Err(reason)),
+        };
+        Ok(Ok((slot, model, self.client.put_blob(bytes, mime).await?)))
     }
 
     /// Submits an OCR job on `image`; its texts show the lines as they are read.

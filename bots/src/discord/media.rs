@@ -120,21 +120,14 @@ async fn prepare(
     attachment: &Attachment,
     mime: &str,
 ) -> anyhow::Result<Option<(Slot, String, Blob)>> {
-    let (slot, model) = match context.assistant.begin_file_job(&talk.user, talk.admin, kind).await? {
-        Ok(ready) => ready,
+    let download = download(context, attachment);
+    match context.assistant.prepare_file(&talk.user, talk.admin, kind, mime, download).await? {
+        Ok(prepared) => Ok(Some(prepared)),
         Err(refusal) => {
             context.say(talk, &refusal).await?;
-            return Ok(None);
+            Ok(None)
         }
-    };
-    let bytes = match download(context, attachment).await {
-        Ok(bytes) => bytes,
-        Err(reason) => {
-            context.say(talk, &reason).await?;
-            return Ok(None);
-        }
-    };
-    Ok(Some((slot, model, context.assistant.client.put_blob(bytes, mime).await?)))
+    }
 }
 
 /// Shows a file job's texts as one streamed reply.

@@ -5,6 +5,7 @@
 //! those same messages instead of starting over.
 
 use super::ReplyTo;
+use crate::chatbot::ReplyRecord;
 use crate::relay::{Mode, Sink, SinkError};
 use crate::store::{JobRecord, Store};
 use serenity::all::{
@@ -45,7 +46,7 @@ pub(super) struct DiscordSink {
     quoted: AtomicBool,
     /// 429s in a row, for the backoff when serenity's rate limiter is off.
     rate_limited: AtomicU32,
-    record: Option<(Store, Mutex<JobRecord>)>,
+    record: Option<ReplyRecord>,
 }
 
 impl DiscordSink {
@@ -73,19 +74,13 @@ impl DiscordSink {
 
     /// Keeps `record`'s message list in step with the messages sent.
     pub(super) fn recording(mut self, store: Store, record: JobRecord) -> Self {
-        self.record = Some((store, Mutex::new(record)));
+        self.record = Some(ReplyRecord::new(store, record));
         self
     }
 
     async fn update_record(&self, change: impl FnOnce(&mut Vec<String>)) {
-        let Some((store, record)) = &self.record else { return };
-        let snapshot = {
-            let Ok(mut record) = record.lock() else { return };
-            change(&mut record.messages);
-            record.clone()
-        };
-        if let Err(e) = store.record_job(snapshot).await {
-            tracing::warn!("could not record the reply's messages: {e}");
+        if let Some(record) = &self.record {
+            record.update(change).await;
         }
     }
 

@@ -27,14 +27,7 @@ impl Context {
     /// Finishes the replies a previous run of the bot was streaming when it
     /// stopped: the events stream still holds each job's events from the first.
     pub(super) async fn resume_pending(self: &Arc<Self>, tasks: &mut tokio::task::JoinSet<()>) {
-        let records = match self.assistant.store.pending_jobs().await {
-            Ok(records) => records,
-            Err(e) => {
-                tracing::error!("cannot read the replies to resume: {e}");
-                return;
-            }
-        };
-        for record in records.into_iter().filter(|r| r.user.platform() == self.assistant.frontend) {
+        for record in self.assistant.pending_replies().await {
             let context = self.clone();
             tasks.spawn(async move {
                 let job = record.job;

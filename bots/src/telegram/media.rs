@@ -98,26 +98,29 @@ fn too_big(size: u64) -> String {
 }
 
 /// The file's bytes, or what to tell the user when it cannot be had.
-async fn download(context: &Context, file: &FileMeta) -> anyhow::Result<Result<Vec<u8>, String>> {
+async fn download(context: &Context, file: &FileMeta) -> Result<Vec<u8>, String> {
     // `u32::MAX` is teloxide's stand-in for a size Telegram did not give.
     if file.size != u32::MAX && file.size > MAX_DOWNLOAD {
-        return Ok(Err(too_big(file.size.into())));
+        return Err(too_big(file.size.into()));
     }
-    let info = match context.bot.get_file(file.id.clone()).await {
-        Ok(info) => info,
-        Err(e) => return Ok(Err(format!("⚠️ Telegram would not hand me the file: {e}"))),
-    };
+    let info = context
+        .bot
+        .get_file(file.id.clone())
+        .await
+        .map_err(|e| format!("⚠️ Telegram would not hand me the file: {e}"))?;
     if info.meta.size != u32::MAX && info.meta.size > MAX_DOWNLOAD {
-        return Ok(Err(too_big(info.meta.size.into())));
+        return Err(too_big(info.meta.size.into()));
     }
     let mut bytes = Vec::new();
-    if let Err(e) = context.bot.download_file(&info.path, &mut bytes).await {
-        return Ok(Err(format!("⚠️ Downloading the file from Telegram failed: {e}")));
-    }
+    context
+        .bot
+        .download_file(&info.path, &mut bytes)
+        .await
+        .map_err(|e| format!("⚠️ Downloading the file from Telegram failed: {e}"))?;
     if bytes.len() > MAX_DOWNLOAD as usize {
-        return Ok(Err(too_big(bytes.len() as u64)));
+        return Err(too_big(bytes.len() as u64));
     }
-    Ok(Ok(bytes))
+    Ok(bytes)
 }
 
 /// What a file job needs before it is submitted: the user's job slot, a
@@ -130,21 +133,14 @@ async fn prepare(
     file: &FileMeta,
     mime: &str,
 ) -> anyhow::Result<Option<(Slot, String, Blob)>> {
-    let (slot, model) = match context.assistant.begin_file_job(&talk.user, talk.admin, kind).await? {
-        Ok(ready) => ready,
+    let download = download(context, file);
+    match context.assistant.prepare_file(&talk.user, talk.admin, kind, mime, download).await? {
+        Ok(prepared) => Ok(Some(prepared)),
         Err(refusal) => {
             context.say(talk, &refusal).await?;
-            return Ok(None);
+            Ok(None)
         }
-    };
-    let bytes = match download(context, file).await? {
-        Ok(bytes) => bytes,
-        Err(reason) => {
-            context.say(talk, &reason).await?;
-            return Ok(None);
-        }
-    };
-    Ok(Some((slot, model, context.assistant.client.put_blob(bytes, mime).await?)))
+    }
 }
 
 /// Shows a file job's texts as one streamed reply.

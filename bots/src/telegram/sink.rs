@@ -2,9 +2,9 @@
 //! the job's record in the store up to date with the messages it has sent, so a
 //! restarted bot edits those same messages instead of starting over.
 
+use crate::chatbot::ReplyRecord;
 use crate::relay::{Mode, Sink, SinkError};
 use crate::store::{JobRecord, Store};
-use std::sync::Mutex;
 use teloxide::payloads::{EditMessageTextSetters, SendMessageSetters};
 use teloxide::prelude::Requester;
 use teloxide::types::{ChatAction, ChatId, MessageId, ParseMode, ReplyParameters};
@@ -21,7 +21,7 @@ pub(super) struct ChatSink {
     chat: ChatId,
     /// The message the first part of the reply quotes (in groups).
     reply_to: Option<MessageId>,
-    record: Option<(Store, Mutex<JobRecord>)>,
+    record: Option<ReplyRecord>,
 }
 
 impl ChatSink {
@@ -31,19 +31,13 @@ impl ChatSink {
 
     /// Keeps `record`'s message list in step with the messages sent.
     pub(super) fn recording(mut self, store: Store, record: JobRecord) -> Self {
-        self.record = Some((store, Mutex::new(record)));
+        self.record = Some(ReplyRecord::new(store, record));
         self
     }
 
     async fn update_record(&self, change: impl FnOnce(&mut Vec<String>)) {
-        let Some((store, record)) = &self.record else { return };
-        let snapshot = {
-            let Ok(mut record) = record.lock() else { return };
-            change(&mut record.messages);
-            record.clone()
-        };
-        if let Err(e) = store.record_job(snapshot).await {
-            tracing::warn!("could not record the reply's messages: {e}");
+        if let Some(record) = &self.record {
+            record.update(change).await;
         }
     }
 }

@@ -8,7 +8,7 @@ mod replies;
 mod texts;
 
 pub use replies::{describe_settings, export_markdown, ner_reply, stats_reply, Export, SettingChange};
-pub use texts::{asr_texts, chat_texts, follow, ocr_texts, with_note};
+use texts::{asr_texts, chat_texts, follow, ocr_texts};
 
 use crate::client::{ChatUpdate, ClientError, JobClient};
 use crate::fleet::Fleet;
@@ -364,6 +364,18 @@ impl Assistant {
         }
         self.store.finish_job(record.job).await?;
         Ok(())
+    }
+
+    /// Shows a file job's texts (OCR lines, transcript segments) through
+    /// `relay` as one streamed reply, with the queued notice and idle timeout.
+    pub async fn show_file_job<S: Sink>(
+        &self,
+        mut relay: Relay<S>,
+        kind: JobKind,
+        model: String,
+        texts: impl Stream<Item = Option<String>> + Send + 'static,
+    ) -> Result<(), crate::relay::RelayError> {
+        relay.run(follow(self.client.clone(), Some((kind, model)), self.job_timeout, texts)).await.map(drop)
     }
 }
 

@@ -98,7 +98,7 @@ pub fn asr_texts(
     })
 }
 
-pub fn with_note(text: &str, note: &str) -> String {
+fn with_note(text: &str, note: &str) -> String {
     if text.trim().is_empty() {
         note.to_string()
     } else {

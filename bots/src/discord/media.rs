@@ -6,7 +6,7 @@
 use super::jobs::chat_turn;
 use super::sink::DiscordSink;
 use super::{Context, Talk, MAX_DOWNLOAD};
-use crate::chatbot::{follow, Slot};
+use crate::chatbot::Slot;
 use crate::relay::Relay;
 use futures::StreamExt;
 use natter_shared::proto::{Blob, JobKind};
@@ -130,19 +130,9 @@ async fn prepare(
     }
 }
 
-/// Shows a file job's texts as one streamed reply.
-async fn show(
-    context: &Context,
-    talk: &Talk,
-    kind: JobKind,
-    model: String,
-    texts: impl futures::Stream<Item = Option<String>> + Send + 'static,
-) -> anyhow::Result<()> {
-    let assistant = &context.assistant;
-    let shown = follow(assistant.client.clone(), Some((kind, model)), assistant.job_timeout, texts);
-    let sink = DiscordSink::new(context.http.clone(), talk.channel, talk.reply.clone());
-    Relay::new(sink, context.config.limits.clone()).run(shown).await?;
-    Ok(())
+/// A streamed reply to what `talk` sent.
+fn reply(context: &Context, talk: &Talk) -> Relay<DiscordSink> {
+    Relay::new(DiscordSink::new(context.http.clone(), talk.channel, talk.reply.clone()), context.config.limits.clone())
 }
 
 /// Reads the text in an image; the lines appear as the worker reads them.
@@ -151,7 +141,8 @@ async fn read_image(context: &Context, talk: &Talk, attachment: &Attachment, mim
         return Ok(());
     };
     let texts = context.assistant.read_image(&slot, &talk.user, &model, image).await?;
-    show(context, talk, JobKind::Ocr, model, texts).await
+    context.assistant.show_file_job(reply(context, talk), JobKind::Ocr, model, texts).await?;
+    Ok(())
 }
 
 /// Transcribes a voice message, audio or video; returns the transcript when
@@ -167,7 +158,7 @@ async fn transcribe(
     };
     let transcript = Arc::new(Mutex::new(None));
     let texts = context.assistant.transcribe(&slot, &talk.user, &model, audio, transcript.clone()).await?;
-    show(context, talk, JobKind::Asr, model, texts).await?;
+    context.assistant.show_file_job(reply(context, talk), JobKind::Asr, model, texts).await?;
     drop(slot);
     Ok(transcript.lock().ok().and_then(|t| t.clone()))
 }

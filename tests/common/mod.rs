@@ -79,6 +79,7 @@ impl InProcessWorker {
             models_dir: models_dir.to_path_buf(),
             serve: models.iter().map(|m| m.to_string()).collect(),
             max_context: 2048,
+            chat_batch: 4,
             max_input_bytes: 100 << 20,
             max_audio_seconds: 3600.0,
             max_image_pixels: 50_000_000,

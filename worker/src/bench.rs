@@ -137,8 +137,11 @@ pub enum BenchError {
 
 pub fn run(args: &BenchArgs, loaded: &Loaded) -> Result<(), BenchError> {
     let (entry, path) = fetched_model(loaded, args.model.as_deref(), JobKind::Chat)?;
-    let mut engine = ChatEngine::load(&path, (args.prompt_tokens + args.gen_tokens as usize + 64).max(4096))
-        .map_err(BenchError::Engine)?;
+    let mut engine = ChatEngine::load(
+        &path,
+        crate::chat::ChatOptions::new((args.prompt_tokens + args.gen_tokens as usize + 64).max(4096), 1, args.threads),
+    )
+    .map_err(BenchError::Engine)?;
     engine.set_ignore_eos(true);
     let text = prompt_of_length(&engine, args.prompt_tokens)?;
     let input = ChatInput {

@@ -48,6 +48,9 @@ pub struct RunArgs {
     /// Longest prompt + answer a chat job may use.
     #[arg(long, env = "NATTER_MAX_CONTEXT")]
     pub max_context: Option<usize>,
+    /// Chat conversations one model serves at once (continuous batching).
+    #[arg(long, env = "NATTER_CHAT_BATCH")]
+    pub chat_batch: Option<usize>,
     /// Largest photo or audio file a job may carry, in bytes.
     #[arg(long, env = "NATTER_MAX_INPUT_BYTES")]
     pub max_input_bytes: Option<u64>,
@@ -137,6 +140,7 @@ impl RunArgs {
             models_dir,
             serve,
             max_context: self.max_context.unwrap_or(file.worker.max_context),
+            chat_batch: self.chat_batch.unwrap_or(file.worker.chat_batch).max(1),
             max_input_bytes: self.max_input_bytes.unwrap_or(file.worker.max_input_bytes),
             max_audio_seconds: max_audio,
             max_image_pixels: self.max_image_pixels.unwrap_or(file.worker.max_image_pixels),

@@ -93,6 +93,17 @@ impl JobContext {
         let _ = self.events.blocking_send(body);
     }
 
+    /// Streams an event if the channel has room, else hands it back. Engines
+    /// serving many jobs at once use this, so one slow reader stalls no one else.
+    pub fn try_emit(&self, body: EventBody) -> Result<(), EventBody> {
+        match self.events.try_send(body) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(body)) => Err(body),
+            // Nobody listens any more: the job is over for the runner.
+            Err(mpsc::error::TrySendError::Closed(_)) => Ok(()),
+        }
+    }
+
     /// Returns `Err(Cancelled)` once the job should stop.
     pub fn check_cancelled(&self) -> Result<(), EngineError> {
         if self.cancel.is_set() {
@@ -108,10 +119,26 @@ pub trait Engine: Send + 'static {
     fn run(&mut self, job: &Job, ctx: &JobContext) -> Result<Completed, EngineError>;
 }
 
+/// An engine that runs many jobs at once, advancing all of them a step at a
+/// time (continuous batching): jobs join and leave between steps.
+pub trait BatchEngine: Send + 'static {
+    /// Jobs it can hold at once.
+    fn capacity(&self) -> usize;
+    /// Jobs admitted and not yet replied to.
+    fn active(&self) -> usize;
+    /// Takes a job on; a job it cannot start is replied to at once.
+    fn admit(&mut self, job: Job, ctx: JobContext, reply: Reply);
+    /// Advances every admitted job, replying to those that finish.
+    fn step(&mut self);
+}
+
+/// Where a job's outcome goes.
+pub type Reply = oneshot::Sender<Result<Completed, EngineError>>;
+
 struct Request {
     job: Job,
     ctx: JobContext,
-    reply: oneshot::Sender<Result<Completed, EngineError>>,
+    reply: Reply,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +153,7 @@ pub enum LoadError {
 #[derive(Clone)]
 pub struct EngineHandle {
     requests: mpsc::Sender<Request>,
+    slots: usize,
 }
 
 impl EngineHandle {
@@ -159,10 +187,69 @@ impl EngineHandle {
             })
             .map_err(|e| LoadError::Failed(format!("cannot start engine thread: {e}")))?;
         match loaded_rx.await {
-            Ok(Ok(())) => Ok(EngineHandle { requests }),
+            Ok(Ok(())) => Ok(EngineHandle { requests, slots: 1 }),
             Ok(Err(e)) => Err(LoadError::Failed(e)),
             Err(_) => Err(LoadError::ThreadDied),
         }
+    }
+
+    /// Like [`EngineHandle::spawn`] for an engine that batches: the thread
+    /// admits waiting jobs between steps, up to the engine's capacity, and
+    /// sleeps only when no job is running. The channel holds as many waiting
+    /// jobs as the engine has slots, and the runner fetches no more than that.
+    pub async fn spawn_batched<E, F>(name: &str, load: F) -> Result<EngineHandle, LoadError>
+    where
+        E: BatchEngine,
+        F: FnOnce() -> Result<E, String> + Send + 'static,
+    {
+        let (loaded_tx, loaded_rx) = oneshot::channel();
+        let (inbox_tx, inbox_rx) = oneshot::channel::<mpsc::Receiver<Request>>();
+        std::thread::Builder::new()
+            .name(format!("engine-{name}"))
+            .spawn(move || {
+                let mut engine = match load() {
+                    Ok(engine) => {
+                        let _ = loaded_tx.send(Ok(engine.capacity()));
+                        engine
+                    }
+                    Err(e) => {
+                        let _ = loaded_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let Ok(mut inbox) = inbox_rx.blocking_recv() else { return };
+                loop {
+                    if engine.active() == 0 {
+                        match inbox.blocking_recv() {
+                            Some(Request { job, ctx, reply }) => engine.admit(job, ctx, reply),
+                            None => return,
+                        }
+                    }
+                    while engine.active() < engine.capacity() {
+                        match inbox.try_recv() {
+                            Ok(Request { job, ctx, reply }) => engine.admit(job, ctx, reply),
+                            Err(_) => break,
+                        }
+                    }
+                    if engine.active() > 0 {
+                        engine.step();
+                    }
+                }
+            })
+            .map_err(|e| LoadError::Failed(format!("cannot start engine thread: {e}")))?;
+        let slots = match loaded_rx.await {
+            Ok(Ok(slots)) => slots.max(1),
+            Ok(Err(e)) => return Err(LoadError::Failed(e)),
+            Err(_) => return Err(LoadError::ThreadDied),
+        };
+        let (requests, inbox) = mpsc::channel::<Request>(slots);
+        inbox_tx.send(inbox).map_err(|_| LoadError::ThreadDied)?;
+        Ok(EngineHandle { requests, slots })
+    }
+
+    /// Jobs the engine runs at once.
+    pub fn slots(&self) -> usize {
+        self.slots
     }
 
     /// Runs one job; events stream through `ctx` while this awaits the outcome.

@@ -19,7 +19,7 @@ mod service;
 pub mod testkit;
 
 use crate::asr::AsrEngine;
-use crate::chat::ChatEngine;
+use crate::chat::{ChatEngine, ChatOptions};
 use crate::engine::EngineHandle;
 use crate::ner::NerEngine;
 use crate::ocr::{OcrEngine, Variant};
@@ -64,6 +64,8 @@ pub struct WorkerConfig {
     pub serve: Vec<String>,
     /// Longest prompt + answer for chat jobs.
     pub max_context: usize,
+    /// Chat conversations one model serves at once (continuous batching).
+    pub chat_batch: usize,
     /// Largest input file a job may carry.
     pub max_input_bytes: u64,
     /// Longest audio a speech-to-text job may carry.
@@ -92,7 +94,10 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> Re
         tracing::info!(model = %id, path = %path.display(), "loading");
         let max_context = config.max_context;
         let engine = match entry.kind {
-            JobKind::Chat => EngineHandle::spawn(id, move || ChatEngine::load(&path, max_context)).await,
+            JobKind::Chat => {
+                let options = ChatOptions::new(max_context, config.chat_batch, chat::default_threads());
+                EngineHandle::spawn_batched(id, move || ChatEngine::load(&path, options)).await
+            }
             JobKind::Ner => EngineHandle::spawn(id, move || NerEngine::load(&path)).await,
             JobKind::Asr => {
                 let max_seconds = config.max_audio_seconds;
@@ -128,7 +133,8 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> Re
     tasks.spawn(runner::listen_for_cancels(client.clone(), shared.clone(), stop.clone()));
     for (entry, engine, consumer) in served {
         tracing::info!(model = %entry.id, kind = %entry.kind, "serving");
-        tasks.spawn(runner::serve_model(shared.clone(), consumer, entry.id, engine, 1, stop.clone()));
+        let slots = engine.slots();
+        tasks.spawn(runner::serve_model(shared.clone(), consumer, entry.id, engine, slots, stop.clone()));
     }
     tracing::info!(worker = %config.name, "ready");
     shutdown.await;

@@ -31,9 +31,41 @@ pub const TINY_CONTEXT: u32 = 256;
 
 /// Writes a two-layer llama GGUF with random weights (fixed seed), a byte-level
 /// BPE vocab with ChatML specials, the smollm pre-tokenizer tag and a ChatML
-/// template. Matrices are stored as `matrix_dtype` (Q4_1 exercises the Q8_0
-/// conversion).
+/// template. Matrices are stored as `matrix_dtype`.
 pub fn write_tiny_llama(path: &Path, matrix_dtype: GgmlDType) {
+    let shape = TinyShape { arch: "llama", dim: 64, ff: 128, heads: 4, kv_heads: 2 };
+    write_tiny(path, &shape, |_, _| matrix_dtype, matrix_dtype, matrix_dtype);
+}
+
+/// Writes a two-layer qwen2 GGUF laid out like the real Qwen2.5 files: q/k/v
+/// biases, untied Q8_0 output, Q5_0 embeddings and attention, Q8_0 values in one
+/// layer, and Q4_K / Q6_K feed-forward down projections.
+pub fn write_tiny_qwen2(path: &Path) {
+    let shape = TinyShape { arch: "qwen2", dim: 256, ff: 512, heads: 4, kv_heads: 2 };
+    let types = |layer: u32, name: &str| match (layer, name) {
+        (0, "attn_v") => GgmlDType::Q8_0,
+        (0, "ffn_down") => GgmlDType::Q4K,
+        (_, "ffn_down") => GgmlDType::Q6K,
+        _ => GgmlDType::Q5_0,
+    };
+    write_tiny(path, &shape, types, GgmlDType::Q5_0, GgmlDType::Q8_0);
+}
+
+struct TinyShape {
+    arch: &'static str,
+    dim: usize,
+    ff: usize,
+    heads: u32,
+    kv_heads: u32,
+}
+
+fn write_tiny(
+    path: &Path,
+    shape: &TinyShape,
+    layer_dtype: impl Fn(u32, &str) -> GgmlDType,
+    embed_dtype: GgmlDType,
+    output_dtype: GgmlDType,
+) {
     let mut tokens: Vec<String> = byte_chars().into_iter().map(String::from).collect();
     let merges = [("h", "e"), ("l", "l"), ("Ġ", "t")];
     for (a, b) in merges {
@@ -48,63 +80,75 @@ pub fn write_tiny_llama(path: &Path, matrix_dtype: GgmlDType) {
         *t = Value::I32(3);
     }
 
-    let (dim, ff, heads, kv_heads, layers) = (64usize, 128usize, 4u32, 2u32, 2u32);
+    let TinyShape { arch, dim, ff, heads, kv_heads } = *shape;
+    let layers = 2u32;
     let head_dim = dim / heads as usize;
     let kv_dim = head_dim * kv_heads as usize;
     let template = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
-    let metadata: Vec<(&str, Value)> = vec![
-        ("general.architecture", Value::String("llama".into())),
-        ("general.name", Value::String("natter tiny test llama".into())),
-        ("llama.block_count", Value::U32(layers)),
-        ("llama.context_length", Value::U32(TINY_CONTEXT)),
-        ("llama.embedding_length", Value::U32(dim as u32)),
-        ("llama.feed_forward_length", Value::U32(ff as u32)),
-        ("llama.attention.head_count", Value::U32(heads)),
-        ("llama.attention.head_count_kv", Value::U32(kv_heads)),
-        ("llama.rope.dimension_count", Value::U32(head_dim as u32)),
-        ("llama.rope.freq_base", Value::F32(10000.0)),
-        ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
-        ("tokenizer.ggml.model", Value::String("gpt2".into())),
-        ("tokenizer.ggml.pre", Value::String("smollm".into())),
-        ("tokenizer.ggml.tokens", Value::Array(tokens.iter().cloned().map(Value::String).collect())),
-        ("tokenizer.ggml.token_type", Value::Array(token_types)),
+    let key = |k: &str| format!("{arch}.{k}");
+    let mut metadata: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(arch.into())),
+        ("general.name".into(), Value::String(format!("natter tiny test {arch}"))),
+        (key("block_count"), Value::U32(layers)),
+        (key("context_length"), Value::U32(TINY_CONTEXT)),
+        (key("embedding_length"), Value::U32(dim as u32)),
+        (key("feed_forward_length"), Value::U32(ff as u32)),
+        (key("attention.head_count"), Value::U32(heads)),
+        (key("attention.head_count_kv"), Value::U32(kv_heads)),
+        (key("rope.dimension_count"), Value::U32(head_dim as u32)),
+        (key("rope.freq_base"), Value::F32(10000.0)),
+        (key("attention.layer_norm_rms_epsilon"), Value::F32(1e-5)),
+    ];
+    metadata.extend([
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), Value::String("smollm".into())),
+        ("tokenizer.ggml.tokens".into(), Value::Array(tokens.iter().cloned().map(Value::String).collect())),
+        ("tokenizer.ggml.token_type".into(), Value::Array(token_types)),
         (
-            "tokenizer.ggml.merges",
+            "tokenizer.ggml.merges".into(),
             Value::Array(merges.iter().map(|(a, b)| Value::String(format!("{a} {b}"))).collect()),
         ),
-        ("tokenizer.ggml.bos_token_id", Value::U32(first_special + 2)),
-        ("tokenizer.ggml.eos_token_id", Value::U32(first_special + 1)),
-        ("tokenizer.chat_template", Value::String(template.into())),
-    ];
+        ("tokenizer.ggml.bos_token_id".into(), Value::U32(first_special + 2)),
+        ("tokenizer.ggml.eos_token_id".into(), Value::U32(first_special + 1)),
+        ("tokenizer.chat_template".into(), Value::String(template.into())),
+    ]);
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let mut random = |rows: usize, cols: usize, scale: f32| {
         let data: Vec<f32> = (0..rows * cols).map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale).collect();
         Tensor::from_vec(data, (rows, cols), &Device::Cpu).unwrap()
     };
-    let ones = |n: usize| {
-        QTensor::quantize(&Tensor::ones(n, candle_core::DType::F32, &Device::Cpu).unwrap(), GgmlDType::F32).unwrap()
-    };
-    let q = |t: Tensor| QTensor::quantize(&t, matrix_dtype).unwrap();
+    let f32s = |t: Tensor| QTensor::quantize(&t, GgmlDType::F32).unwrap();
+    let ones = |n: usize| f32s(Tensor::ones(n, candle_core::DType::F32, &Device::Cpu).unwrap());
+    let q = |t: Tensor, dtype: GgmlDType| QTensor::quantize(&t, dtype).unwrap();
 
     let mut tensors: Vec<(String, QTensor)> = vec![
-        ("token_embd.weight".into(), q(random(vocab, dim, 1.0))),
+        ("token_embd.weight".into(), q(random(vocab, dim, 1.0), embed_dtype)),
         ("output_norm.weight".into(), ones(dim)),
-        ("output.weight".into(), q(random(vocab, dim, 0.5))),
+        ("output.weight".into(), q(random(vocab, dim, 0.5), output_dtype)),
     ];
     for l in 0..layers {
         let p = |name: &str| format!("blk.{l}.{name}.weight");
+        let m = |name: &str, rows: usize, cols: usize, random: &mut dyn FnMut(usize, usize, f32) -> Tensor| {
+            (p(name), q(random(rows, cols, 0.2), layer_dtype(l, name)))
+        };
         tensors.push((p("attn_norm"), ones(dim)));
-        tensors.push((p("attn_q"), q(random(dim, dim, 0.2))));
-        tensors.push((p("attn_k"), q(random(kv_dim, dim, 0.2))));
-        tensors.push((p("attn_v"), q(random(kv_dim, dim, 0.2))));
-        tensors.push((p("attn_output"), q(random(dim, dim, 0.2))));
+        tensors.push(m("attn_q", dim, dim, &mut random));
+        tensors.push(m("attn_k", kv_dim, dim, &mut random));
+        tensors.push(m("attn_v", kv_dim, dim, &mut random));
+        tensors.push(m("attn_output", dim, dim, &mut random));
         tensors.push((p("ffn_norm"), ones(dim)));
-        tensors.push((p("ffn_gate"), q(random(ff, dim, 0.2))));
-        tensors.push((p("ffn_up"), q(random(ff, dim, 0.2))));
-        tensors.push((p("ffn_down"), q(random(dim, ff, 0.2))));
+        tensors.push(m("ffn_gate", ff, dim, &mut random));
+        tensors.push(m("ffn_up", ff, dim, &mut random));
+        tensors.push(m("ffn_down", dim, ff, &mut random));
+        if arch == "qwen2" {
+            for (name, n) in [("attn_q", dim), ("attn_k", kv_dim), ("attn_v", kv_dim)] {
+                let bias = random(1, n, 0.5).reshape(n).unwrap();
+                tensors.push((format!("blk.{l}.{name}.bias"), f32s(bias)));
+            }
+        }
     }
-    let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+    let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let mut file = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
     gguf_file::write(&mut file, &md, &ts).unwrap();

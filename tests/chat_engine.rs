@@ -1,0 +1,153 @@
+//! The native forward pass on the real models: greedy answers equal candle's
+//! stock quantized models token for token, and real answers make sense.
+
+mod common;
+
+use candle_core::Device;
+use natter_shared::proto::{ChatInput, ChatMessage, JobResult, Role, SamplingParams};
+use natter_worker::chat::native::{KvCache, NativeModel, Row};
+use natter_worker::chat::{model, ChatEngine, ChatOptions};
+use std::path::PathBuf;
+
+fn model(file: &str, id: &str) -> PathBuf {
+    let path = common::models_dir().join(file);
+    assert!(
+        path.is_file(),
+        "{} is missing; run `cargo run -p natter-worker -- models fetch {id}` (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+fn smollm() -> PathBuf {
+    model("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct")
+}
+
+fn qwen() -> PathBuf {
+    model("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", "qwen2-5-coder-0-5b-instruct")
+}
+
+fn user(question: &str) -> Vec<ChatMessage> {
+    vec![ChatMessage { role: Role::User, content: question.into() }]
+}
+
+fn ask(engine: &mut ChatEngine, question: &str, max_tokens: u32) -> String {
+    let input = ChatInput {
+        messages: user(question),
+        params: SamplingParams { temperature: 0.0, max_tokens, repeat_penalty: 1.0, ..Default::default() },
+    };
+    let done = engine.generate(&input, &|| false, &mut |_| {}).expect("the model answers");
+    match done.result {
+        JobResult::Chat { text, .. } => text,
+        other => panic!("not a chat answer: {other:?}"),
+    }
+}
+
+/// 64 greedy tokens per prompt (EOS ignored, so every answer is full length)
+/// through both engines: the same text.
+fn same_as_stock(path: &PathBuf, prompts: [&str; 2]) {
+    let mut native = ChatEngine::load(path, ChatOptions::new(4096, 2, 2)).unwrap();
+    assert!(native.is_native());
+    native.set_ignore_eos(true);
+    let mut stock = ChatEngine::load_stock(path, 4096).unwrap();
+    stock.set_ignore_eos(true);
+    for prompt in prompts {
+        let ours = ask(&mut native, prompt, 64);
+        let theirs = ask(&mut stock, prompt, 64);
+        assert_eq!(ours, theirs, "{}: {prompt}", path.display());
+    }
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+}
+
+/// Feeds candle's greedy answer to both models, step by step, and compares the
+/// next-token logits against candle's own noise.
+///
+/// Activations are quantized to 8 bits before every matrix product, so a
+/// one-ulp difference anywhere (another summation order) can move a value to
+/// the next quantization step, and the logits move by up to a few percent.
+/// candle shows this against itself: the same prompt fed whole or token by
+/// token gives logits this far apart. The native pass must stay within twice
+/// that distance of candle at every step, and pick candle's token at every
+/// step except where candle's two best candidates are closer than that noise.
+fn teacher_forced(path: &PathBuf, prompt: &str) {
+    let engine = ChatEngine::load(path, ChatOptions::new(4096, 1, 2)).unwrap();
+    let mut tokens = engine.build_prompt(&user(prompt), 64).unwrap().tokens;
+    let (content, _) = model::read_content(path).unwrap();
+    let mut native = NativeModel::load(path, &content, 2).unwrap();
+    let mut cache = KvCache::new(&native.config, 1, 4096);
+    let (mut stock, _) = model::load(path, &Device::Cpu).unwrap();
+
+    let whole = stock.forward(&tokens, 0, &Device::Cpu).unwrap().to_vec1::<f32>().unwrap();
+    let mut stepwise = Vec::new();
+    for (pos, t) in tokens.iter().enumerate() {
+        stepwise = stock.forward(&[*t], pos, &Device::Cpu).unwrap().to_vec1::<f32>().unwrap();
+    }
+    let noise = max_diff(&whole, &stepwise).max(0.05);
+
+    let mut fed = 0;
+    let mut near_ties = 0;
+    for step in 0..64 {
+        let rows: Vec<Row> = (fed..tokens.len())
+            .map(|pos| Row { slot: 0, pos, token: tokens[pos], logits: pos + 1 == tokens.len() })
+            .collect();
+        let mut ours = Vec::new();
+        native.forward(&rows, &mut cache, &mut ours);
+        let theirs = stock.forward(&tokens[fed..], fed, &Device::Cpu).unwrap().to_vec1::<f32>().unwrap();
+        fed = tokens.len();
+        let diff = max_diff(&ours, &theirs);
+        assert!(
+            diff <= 2.0 * noise,
+            "{}, step {step}: logits differ by {diff}, candle's noise is {noise}",
+            path.display()
+        );
+        let best = |l: &[f32]| l.iter().enumerate().fold(0, |b, (i, v)| if *v > l[b] { i } else { b });
+        let (pick, expected) = (best(&ours), best(&theirs));
+        if pick != expected {
+            let margin = theirs[expected] - theirs[pick];
+            assert!(
+                margin <= 2.0 * noise,
+                "{}, step {step}: picked {pick}, candle {expected} by {margin}",
+                path.display()
+            );
+            near_ties += 1;
+        }
+        tokens.push(expected as u32);
+    }
+    assert!(near_ties <= 6, "{near_ties} near ties in 64 steps");
+}
+
+#[test]
+fn smollm_native_answers_equal_candles_stock_model() {
+    same_as_stock(
+        &smollm(),
+        [
+            "What is the capital of France? Answer in one sentence.",
+            "Write a Python function that returns the sum of a list of numbers.",
+        ],
+    );
+    teacher_forced(&smollm(), "Tell me a short story about a robot.");
+}
+
+#[test]
+fn qwen_native_answers_equal_candles_stock_model() {
+    same_as_stock(
+        &qwen(),
+        [
+            "What is the capital of France? Answer in one sentence.",
+            "Write a Python function that checks whether a number is prime.",
+        ],
+    );
+    // The fourth token of this answer is a near tie in candle itself (19.7041 vs 19.7008).
+    teacher_forced(&qwen(), "Write a Python function that returns the sum of a list of numbers.");
+}
+
+#[test]
+fn qwen_coder_writes_python() {
+    let mut engine = ChatEngine::load(&qwen(), ChatOptions::new(4096, 1, 2)).unwrap();
+    let answer = ask(&mut engine, "Write a Python function add(a, b) that returns a + b. Only the code.", 40);
+    assert!(answer.contains("def add(a, b)"), "{answer}");
+    assert!(answer.contains("return a + b"), "{answer}");
+}

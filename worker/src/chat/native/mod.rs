@@ -1,0 +1,652 @@
+//! natter's own forward pass for llama- and qwen2-architecture GGUF models.
+//!
+//! candle's stock quantized models allocate every intermediate, concatenate the
+//! KV cache on each step, convert 4-bit weights to slower paths, and run one
+//! sequence at a time. This module keeps the GGUF blocks as they are, runs each
+//! step over a ragged batch of rows (decode steps of many sequences and prompt
+//! chunks together), writes keys and values into a preallocated cache, and
+//! splits every matrix product over a persistent [`team::Team`].
+//!
+//! One row's result never depends on which other rows share its step, how
+//! many threads run it, or how its prompt was chunked: each output value is
+//! computed by the same sequence of operations in every case.
+
+mod math;
+pub use math::exp_in_place;
+pub mod quant;
+pub mod team;
+
+use candle_core::quantized::gguf_file;
+use quant::{ActType, WeightType};
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use team::{share, Shards, Team};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NativeError {
+    /// The model uses something this forward pass does not implement; the
+    /// caller falls back to candle's stock model.
+    #[error("not supported by the native forward pass: {0}")]
+    Unsupported(String),
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// A weight matrix as its GGUF blocks: `rows` rows of `cols` values each.
+pub struct Weight {
+    wt: WeightType,
+    rows: usize,
+    cols: usize,
+    row_bytes: usize,
+    data: Arc<Aligned>,
+}
+
+/// Bytes with 8-byte alignment, so block types with f16/f32 fields can be viewed in place.
+struct Aligned {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl Aligned {
+    fn zeroed(len: usize) -> Aligned {
+        Aligned { words: vec![0; len.div_ceil(8)], len }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `words` holds at least `len` initialized bytes.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr() as *const u8, self.len) }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, uniquely borrowed.
+        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr() as *mut u8, self.len) }
+    }
+}
+
+impl Weight {
+    /// The same matrix, sharing its data (tied embeddings).
+    fn shape(&self) -> Weight {
+        Weight { wt: self.wt, rows: self.rows, cols: self.cols, row_bytes: self.row_bytes, data: self.data.clone() }
+    }
+
+    fn row(&self, r: usize) -> &[u8] {
+        &self.data.bytes()[r * self.row_bytes..(r + 1) * self.row_bytes]
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Rope {
+    /// Pairs (2i, 2i+1): llama as GGUF stores it.
+    Interleaved,
+    /// Pairs (i, i + d/2): qwen2.
+    Halves,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub dim: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub layers: usize,
+    pub ff: usize,
+    pub vocab: usize,
+    eps: f32,
+    rope: Rope,
+    /// theta_i for each rotated pair.
+    inv_freq: Vec<f32>,
+}
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    wq: Weight,
+    wk: Weight,
+    wv: Weight,
+    bias: Option<[Vec<f32>; 3]>,
+    wo: Weight,
+    ffn_norm: Vec<f32>,
+    gate: Weight,
+    up: Weight,
+    down: Weight,
+}
+
+/// One token of one sequence in a forward step.
+#[derive(Clone, Copy, Debug)]
+pub struct Row {
+    /// The sequence's KV-cache slot.
+    pub slot: usize,
+    /// The token's position in its sequence.
+    pub pos: usize,
+    pub token: u32,
+    /// Whether the step returns this row's logits.
+    pub logits: bool,
+}
+
+/// Keys and values for `slots` sequences of up to `window` positions each, as
+/// f16, allocated once. Zeroed allocation leaves untouched pages uncommitted,
+/// so memory grows with the positions actually used.
+pub struct KvCache {
+    slots: usize,
+    window: usize,
+    layers: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    k: Vec<u16>,
+    v: Vec<u16>,
+}
+
+impl KvCache {
+    pub fn new(config: &Config, slots: usize, window: usize) -> KvCache {
+        let n = slots * config.layers * config.kv_heads * window * config.head_dim;
+        KvCache {
+            slots,
+            window,
+            layers: config.layers,
+            kv_heads: config.kv_heads,
+            head_dim: config.head_dim,
+            k: vec![0; n],
+            v: vec![0; n],
+        }
+    }
+
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
+    pub fn window(&self) -> usize {
+        self.window
+    }
+
+    /// Bytes the cache may grow to.
+    pub fn capacity_bytes(&self) -> usize {
+        (self.k.len() + self.v.len()) * 2
+    }
+
+    fn offset(&self, slot: usize, layer: usize, head: usize, pos: usize) -> usize {
+        (((slot * self.layers + layer) * self.kv_heads + head) * self.window + pos) * self.head_dim
+    }
+}
+
+pub struct NativeModel {
+    pub config: Config,
+    embed: Weight,
+    layers: Vec<Layer>,
+    out_norm: Vec<f32>,
+    output: Weight,
+    team: Team,
+    scratch: Scratch,
+}
+
+/// Buffers reused from step to step; they grow to the largest step seen.
+#[derive(Default)]
+struct Scratch {
+    x: Vec<f32>,
+    xn: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    tmp: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    acts: [Vec<u64>; 4],
+}
+
+fn act_index(act: ActType) -> usize {
+    match act {
+        ActType::F32 => 0,
+        ActType::Q8_0 => 1,
+        ActType::Q8_1 => 2,
+        ActType::Q8K => 3,
+    }
+}
+
+/// Quantized activation rows, one buffer per activation type.
+struct Acts<'a> {
+    cols: usize,
+    bufs: [&'a [u8]; 4],
+}
+
+impl<'a> Acts<'a> {
+    fn row(&self, act: ActType, r: usize) -> &'a [u8] {
+        let bytes = act.row_bytes(self.cols);
+        &self.bufs[act_index(act)][r * bytes..(r + 1) * bytes]
+    }
+}
+
+impl NativeModel {
+    /// Loads `path` if its architecture and tensor types are supported.
+    pub fn load(path: &Path, content: &gguf_file::Content, threads: usize) -> Result<NativeModel, NativeError> {
+        let arch = super::model::architecture(content);
+        let rope = match arch.as_str() {
+            "llama" => Rope::Interleaved,
+            "qwen2" => Rope::Halves,
+            other => return Err(NativeError::Unsupported(format!("architecture {other}"))),
+        };
+        let md = |key: &str| -> Result<&gguf_file::Value, NativeError> {
+            content
+                .metadata
+                .get(&format!("{arch}.{key}"))
+                .ok_or_else(|| NativeError::Invalid(format!("the GGUF has no {arch}.{key}")))
+        };
+        let int = |key: &str| -> Result<usize, NativeError> {
+            let v = md(key)?;
+            v.to_u32()
+                .map(|n| n as usize)
+                .or_else(|_| v.to_u64().map(|n| n as usize))
+                .map_err(|e| NativeError::Invalid(format!("{arch}.{key}: {e}")))
+        };
+        let float = |key: &str, default: f32| md(key).ok().and_then(|v| v.to_f32().ok()).unwrap_or(default);
+        if content.metadata.contains_key(&format!("{arch}.expert_count")) {
+            return Err(NativeError::Unsupported("mixture of experts".into()));
+        }
+        let dim = int("embedding_length")?;
+        let heads = int("attention.head_count")?;
+        let kv_heads = int("attention.head_count_kv")?;
+        let layers = int("block_count")?;
+        let head_dim = dim / heads.max(1);
+        let rope_dim = int("rope.dimension_count").unwrap_or(head_dim);
+        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || head_dim % 8 != 0 || rope_dim != head_dim {
+            return Err(NativeError::Unsupported(format!(
+                "{heads} heads, {kv_heads} KV heads, head size {head_dim}, rotary size {rope_dim}"
+            )));
+        }
+        let base = float("rope.freq_base", 10000.0);
+        let inv_freq = (0..head_dim).step_by(2).map(|i| 1f32 / base.powf(i as f32 / head_dim as f32)).collect();
+
+        let file = std::fs::File::open(path).map_err(|source| NativeError::Read { path: path.into(), source })?;
+        let file = std::cell::RefCell::new(file);
+        let load = |name: &str| -> Result<Weight, NativeError> {
+            let info = content
+                .tensor_infos
+                .get(name)
+                .ok_or_else(|| NativeError::Invalid(format!("the GGUF has no tensor {name}")))?;
+            let wt = WeightType::from_ggml(info.ggml_dtype)
+                .ok_or_else(|| NativeError::Unsupported(format!("{name} is {:?}", info.ggml_dtype)))?;
+            let dims = info.shape.dims();
+            let cols = *dims.last().unwrap_or(&1);
+            let rows = dims.iter().rev().skip(1).product::<usize>();
+            if cols % wt.block_elems() != 0 || cols % 32 != 0 {
+                return Err(NativeError::Unsupported(format!("{name} has {cols} columns")));
+            }
+            let row_bytes = cols / wt.block_elems() * wt.block_bytes();
+            let mut data = Aligned::zeroed(rows * row_bytes);
+            let read = |source| NativeError::Read { path: path.into(), source };
+            let mut file = file.borrow_mut();
+            file.seek(SeekFrom::Start(content.tensor_data_offset + info.offset)).map_err(read)?;
+            file.read_exact(data.bytes_mut()).map_err(read)?;
+            Ok(Weight { wt, rows, cols, row_bytes, data: Arc::new(data) })
+        };
+        let vector = |name: &str, len: usize| -> Result<Vec<f32>, NativeError> {
+            let w = load(name)?;
+            let mut out = vec![0f32; w.rows * w.cols];
+            for r in 0..w.rows {
+                quant::dequantize_row(w.wt, w.row(r), &mut out[r * w.cols..(r + 1) * w.cols]);
+            }
+            if out.len() != len {
+                return Err(NativeError::Invalid(format!("{name} has {} values, not {len}", out.len())));
+            }
+            Ok(out)
+        };
+        let out_norm = vector("output_norm.weight", dim)?;
+        let mut layer_list = Vec::with_capacity(layers);
+        let kv_dim = kv_heads * head_dim;
+        for l in 0..layers {
+            let p = |n: &str| format!("blk.{l}.{n}");
+            let bias = if arch == "qwen2" {
+                Some([
+                    vector(&p("attn_q.bias"), dim)?,
+                    vector(&p("attn_k.bias"), kv_dim)?,
+                    vector(&p("attn_v.bias"), kv_dim)?,
+                ])
+            } else {
+                None
+            };
+            layer_list.push(Layer {
+                attn_norm: vector(&p("attn_norm.weight"), dim)?,
+                bias,
+                ffn_norm: vector(&p("ffn_norm.weight"), dim)?,
+                wq: load(&p("attn_q.weight"))?,
+                wk: load(&p("attn_k.weight"))?,
+                wv: load(&p("attn_v.weight"))?,
+                wo: load(&p("attn_output.weight"))?,
+                gate: load(&p("ffn_gate.weight"))?,
+                up: load(&p("ffn_up.weight"))?,
+                down: load(&p("ffn_down.weight"))?,
+            });
+        }
+        let embed = load("token_embd.weight")?;
+        let output =
+            if content.tensor_infos.contains_key("output.weight") { load("output.weight")? } else { embed.shape() };
+        let ff = layer_list.first().map(|l| l.gate.rows).unwrap_or(0);
+        let config = Config {
+            dim,
+            heads,
+            kv_heads,
+            head_dim,
+            layers,
+            ff,
+            vocab: output.rows,
+            eps: float("attention.layer_norm_rms_epsilon", 1e-6),
+            rope,
+            inv_freq,
+        };
+        let model = NativeModel {
+            config,
+            embed,
+            layers: layer_list,
+            out_norm,
+            output,
+            team: Team::new(threads),
+            scratch: Scratch::default(),
+        };
+        model.check_shapes()?;
+        Ok(model)
+    }
+
+    fn check_shapes(&self) -> Result<(), NativeError> {
+        let c = &self.config;
+        let kv_dim = c.kv_heads * c.head_dim;
+        let expect = |w: &Weight, rows: usize, cols: usize, what: &str| {
+            if w.rows == rows && w.cols == cols {
+                Ok(())
+            } else {
+                Err(NativeError::Invalid(format!("{what} is {}x{}, not {rows}x{cols}", w.rows, w.cols)))
+            }
+        };
+        expect(&self.embed, self.embed.rows, c.dim, "token_embd")?;
+        expect(&self.output, c.vocab, c.dim, "output")?;
+        for l in &self.layers {
+            expect(&l.wq, c.dim, c.dim, "attn_q")?;
+            expect(&l.wk, kv_dim, c.dim, "attn_k")?;
+            expect(&l.wv, kv_dim, c.dim, "attn_v")?;
+            expect(&l.wo, c.dim, c.dim, "attn_output")?;
+            expect(&l.gate, c.ff, c.dim, "ffn_gate")?;
+            expect(&l.up, c.ff, c.dim, "ffn_up")?;
+            expect(&l.down, c.dim, c.ff, "ffn_down")?;
+        }
+        Ok(())
+    }
+
+    pub fn threads(&self) -> usize {
+        self.team.size()
+    }
+
+    /// Bytes of weights held.
+    pub fn weight_bytes(&self) -> usize {
+        let mut total = self.embed.data.len + self.out_norm.len() * 4;
+        if !Arc::ptr_eq(&self.embed.data, &self.output.data) {
+            total += self.output.data.len;
+        }
+        for l in &self.layers {
+            for w in [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down] {
+                total += w.data.len;
+            }
+        }
+        total
+    }
+
+    /// Runs one step over `rows`, writing their keys and values into `cache`,
+    /// and returns the logits of the rows that asked for them, in order.
+    pub fn forward(&mut self, rows: &[Row], cache: &mut KvCache, logits: &mut Vec<f32>) {
+        let c = self.config.clone();
+        let n = rows.len();
+        for r in rows {
+            assert!(r.slot < cache.slots && r.pos < cache.window, "row outside the KV cache: {r:?}");
+        }
+        let s = &mut self.scratch;
+        let kv_dim = c.kv_heads * c.head_dim;
+        let half = c.head_dim / 2;
+        grow(&mut s.x, n * c.dim);
+        grow(&mut s.xn, n * c.dim);
+        grow(&mut s.q, n * c.dim);
+        grow(&mut s.k, n * kv_dim);
+        grow(&mut s.v, n * kv_dim);
+        grow(&mut s.attn, n * c.dim);
+        grow(&mut s.tmp, n * c.dim);
+        grow(&mut s.gate, n * c.ff);
+        grow(&mut s.up, n * c.ff);
+        grow(&mut s.cos, n * half);
+        grow(&mut s.sin, n * half);
+        for (i, r) in rows.iter().enumerate() {
+            let token = (r.token as usize).min(self.embed.rows - 1);
+            quant::dequantize_row(self.embed.wt, self.embed.row(token), &mut s.x[i * c.dim..(i + 1) * c.dim]);
+            for (j, f) in c.inv_freq.iter().enumerate() {
+                let angle = r.pos as f32 * f;
+                s.cos[i * half + j] = angle.cos();
+                s.sin[i * half + j] = angle.sin();
+            }
+        }
+        let team = &self.team;
+        for (l, layer) in self.layers.iter().enumerate() {
+            // Attention.
+            norm_rows(&s.x[..n * c.dim], &layer.attn_norm, c.eps, &mut s.xn[..n * c.dim], c.dim);
+            let acts = quantize(team, &mut s.acts, &s.xn[..n * c.dim], c.dim, &[&layer.wq, &layer.wk, &layer.wv]);
+            matmul(
+                team,
+                &acts,
+                n,
+                &mut [
+                    (&layer.wq, &mut s.q[..n * c.dim]),
+                    (&layer.wk, &mut s.k[..n * kv_dim]),
+                    (&layer.wv, &mut s.v[..n * kv_dim]),
+                ],
+            );
+            for (i, r) in rows.iter().enumerate() {
+                let q = &mut s.q[i * c.dim..(i + 1) * c.dim];
+                let k = &mut s.k[i * kv_dim..(i + 1) * kv_dim];
+                let v = &mut s.v[i * kv_dim..(i + 1) * kv_dim];
+                if let Some([bq, bk, bv]) = &layer.bias {
+                    add(q, bq);
+                    add(k, bk);
+                    add(v, bv);
+                }
+                let (cos, sin) = (&s.cos[i * half..(i + 1) * half], &s.sin[i * half..(i + 1) * half]);
+                for head in q.chunks_exact_mut(c.head_dim).chain(k.chunks_exact_mut(c.head_dim)) {
+                    rotate(head, cos, sin, c.rope);
+                }
+                for h in 0..c.kv_heads {
+                    let at = cache.offset(r.slot, l, h, r.pos);
+                    math::to_f16_bits(&k[h * c.head_dim..(h + 1) * c.head_dim], &mut cache.k[at..at + c.head_dim]);
+                    math::to_f16_bits(&v[h * c.head_dim..(h + 1) * c.head_dim], &mut cache.v[at..at + c.head_dim]);
+                }
+            }
+            attention(team, &c, l, rows, cache, &s.q[..n * c.dim], &mut s.attn[..n * c.dim]);
+            let acts = quantize(team, &mut s.acts, &s.attn[..n * c.dim], c.dim, &[&layer.wo]);
+            matmul(team, &acts, n, &mut [(&layer.wo, &mut s.tmp[..n * c.dim])]);
+            add(&mut s.x[..n * c.dim], &s.tmp[..n * c.dim]);
+
+            // Feed-forward.
+            norm_rows(&s.x[..n * c.dim], &layer.ffn_norm, c.eps, &mut s.xn[..n * c.dim], c.dim);
+            let acts = quantize(team, &mut s.acts, &s.xn[..n * c.dim], c.dim, &[&layer.gate, &layer.up]);
+            matmul(team, &acts, n, &mut [(&layer.gate, &mut s.gate[..n * c.ff]), (&layer.up, &mut s.up[..n * c.ff])]);
+            let mut scratch = Vec::new();
+            for i in 0..n {
+                math::swiglu(&mut s.gate[i * c.ff..(i + 1) * c.ff], &s.up[i * c.ff..(i + 1) * c.ff], &mut scratch);
+            }
+            let acts = quantize(team, &mut s.acts, &s.gate[..n * c.ff], c.ff, &[&layer.down]);
+            matmul(team, &acts, n, &mut [(&layer.down, &mut s.tmp[..n * c.dim])]);
+            add(&mut s.x[..n * c.dim], &s.tmp[..n * c.dim]);
+        }
+
+        let wanted: Vec<usize> = (0..n).filter(|&i| rows[i].logits).collect();
+        for (j, &i) in wanted.iter().enumerate() {
+            let (src, dst) = (i * c.dim, j * c.dim);
+            let row = s.x[src..src + c.dim].to_vec();
+            math::rms_norm(&row, &self.out_norm, c.eps, &mut s.xn[dst..dst + c.dim]);
+        }
+        let m = wanted.len();
+        logits.clear();
+        logits.resize(m * c.vocab, 0.0);
+        if m > 0 {
+            let acts = quantize(team, &mut s.acts, &s.xn[..m * c.dim], c.dim, &[&self.output]);
+            matmul(team, &acts, m, &mut [(&self.output, &mut logits[..])]);
+        }
+    }
+}
+
+fn grow(v: &mut Vec<f32>, len: usize) {
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+}
+
+fn add(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+fn norm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32], dim: usize) {
+    for (xr, or) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+        math::rms_norm(xr, weight, eps, or);
+    }
+}
+
+fn rotate(head: &mut [f32], cos: &[f32], sin: &[f32], rope: Rope) {
+    let half = head.len() / 2;
+    for j in 0..half {
+        let (a, b) = match rope {
+            Rope::Interleaved => (2 * j, 2 * j + 1),
+            Rope::Halves => (j, j + half),
+        };
+        let (x0, x1) = (head[a], head[b]);
+        head[a] = x0 * cos[j] - x1 * sin[j];
+        head[b] = x0 * sin[j] + x1 * cos[j];
+    }
+}
+
+/// Quantizes the rows of `x` (`cols` wide) into every activation type the
+/// `weights` need.
+fn quantize<'a>(team: &Team, bufs: &'a mut [Vec<u64>; 4], x: &[f32], cols: usize, weights: &[&Weight]) -> Acts<'a> {
+    let rows = x.len() / cols;
+    let mut needed = [false; 4];
+    for w in weights {
+        needed[act_index(w.wt.activation())] = true;
+    }
+    let mut views: [&'a [u8]; 4] = [&[]; 4];
+    for (i, buf) in bufs.iter_mut().enumerate() {
+        if !needed[i] {
+            continue;
+        }
+        let act = [ActType::F32, ActType::Q8_0, ActType::Q8_1, ActType::Q8K][i];
+        let row_bytes = act.row_bytes(cols);
+        let total = rows * row_bytes;
+        if buf.len() * 8 < total {
+            buf.resize(total.div_ceil(8), 0);
+        }
+        // SAFETY: viewing the u64 buffer as bytes.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut u8, total) };
+        if rows >= 4 && team.size() > 1 {
+            let shards = Shards::new(bytes);
+            team.run(&|id| {
+                for r in share(rows, id, team.size(), 1) {
+                    // SAFETY: each row is written by exactly one thread.
+                    let out = unsafe { shards.part(r * row_bytes..(r + 1) * row_bytes) };
+                    quant::quantize_row(act, &x[r * cols..(r + 1) * cols], out);
+                }
+            });
+        } else {
+            for r in 0..rows {
+                quant::quantize_row(act, &x[r * cols..(r + 1) * cols], &mut bytes[r * row_bytes..(r + 1) * row_bytes]);
+            }
+        }
+        views[i] = bytes;
+    }
+    Acts { cols, bufs: views }
+}
+
+/// Weight rows a thread works through before moving to the next group of
+/// activation rows, sized so they stay in L2 while every activation row meets them.
+const WEIGHT_PANEL_BYTES: usize = 96 * 1024;
+
+/// `out[r][o] = w.row(o) · x[r]` for each (weight, output) pair, all pairs split
+/// over the team by weight rows as one job.
+fn matmul(team: &Team, acts: &Acts, rows: usize, jobs: &mut [(&Weight, &mut [f32])]) {
+    let total: usize = jobs.iter().map(|(w, _)| w.rows).sum();
+    let outs: Vec<(&Weight, Shards<f32>)> = jobs.iter_mut().map(|(w, out)| (*w, Shards::new(&mut out[..]))).collect();
+    team.run(&|id| {
+        let mine = share(total, id, team.size(), 4);
+        let mut base = 0;
+        for (w, out) in &outs {
+            let (start, end) = (mine.start.max(base), mine.end.min(base + w.rows));
+            if start < end {
+                matmul_part(w, acts, rows, (start - base)..(end - base), out);
+            }
+            base += w.rows;
+        }
+    });
+}
+
+fn matmul_part(w: &Weight, acts: &Acts, rows: usize, range: std::ops::Range<usize>, out: &Shards<f32>) {
+    let act = w.wt.activation();
+    let panel = (WEIGHT_PANEL_BYTES / w.row_bytes).max(4);
+    let mut start = range.start;
+    while start < range.end {
+        let end = (start + panel).min(range.end);
+        let mut r = 0;
+        while r + 4 <= rows {
+            let a = [acts.row(act, r), acts.row(act, r + 1), acts.row(act, r + 2), acts.row(act, r + 3)];
+            for o in start..end {
+                let d = quant::dot::<4>(w.wt, w.row(o), a, w.cols);
+                for (i, v) in d.into_iter().enumerate() {
+                    // SAFETY: output (r + i, o) belongs to this thread's weight rows.
+                    unsafe { out.part((r + i) * w.rows + o..(r + i) * w.rows + o + 1)[0] = v };
+                }
+            }
+            r += 4;
+        }
+        for r in r..rows {
+            let a = [acts.row(act, r)];
+            // SAFETY: as above.
+            let dst = unsafe { out.part(r * w.rows + start..r * w.rows + end) };
+            for (o, d) in (start..end).zip(dst.iter_mut()) {
+                *d = quant::dot::<1>(w.wt, w.row(o), a, w.cols)[0];
+            }
+        }
+        start = end;
+    }
+}
+
+/// Causal attention of each row over its own sequence's cached positions,
+/// split over the team by (row, head).
+fn attention(team: &Team, c: &Config, layer: usize, rows: &[Row], cache: &KvCache, q: &[f32], out: &mut [f32]) {
+    let hd = c.head_dim;
+    let group = c.heads / c.kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let items = rows.len() * c.heads;
+    let shards = Shards::new(out);
+    team.run(&|id| {
+        let mut scores = Vec::new();
+        for item in share(items, id, team.size(), 1) {
+            let (i, h) = (item / c.heads, item % c.heads);
+            let r = rows[i];
+            let qh = &q[i * c.dim + h * hd..i * c.dim + (h + 1) * hd];
+            let base = cache.offset(r.slot, layer, h / group, 0);
+            let n = r.pos + 1;
+            scores.clear();
+            scores.extend((0..n).map(|j| math::dot_f16(qh, &cache.k[base + j * hd..base + (j + 1) * hd]) * scale));
+            let max = scores.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
+            for s in scores.iter_mut() {
+                *s -= max;
+            }
+            math::exp_in_place(&mut scores);
+            let sum: f32 = scores.iter().sum();
+            // SAFETY: each (row, head) output is written by exactly one thread.
+            let o = unsafe { shards.part(i * c.dim + h * hd..i * c.dim + (h + 1) * hd) };
+            o.fill(0.0);
+            for (j, p) in scores.iter().enumerate() {
+                math::axpy_f16(*p, &cache.v[base + j * hd..base + (j + 1) * hd], o);
+            }
+            let inv = 1.0 / sum;
+            for v in o.iter_mut() {
+                *v *= inv;
+            }
+        }
+    });
+}

@@ -1,7 +1,7 @@
 //! `natter-worker bench`: single-stream chat speed on the real engine, printed as
 //! a table. A benchmark, not a test: figures depend on the machine.
 
-use crate::chat::ChatEngine;
+use crate::chat::{ChatEngine, ChatOptions};
 use crate::config::{ConfigLoadError, Loaded};
 use crate::fetch;
 use clap::Args;
@@ -24,6 +24,15 @@ pub struct BenchArgs {
     /// Measured repetitions (after one warm-up).
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// Concurrent streams for the batched figures (0 skips them).
+    #[arg(long, default_value_t = 8)]
+    pub streams: usize,
+    /// Prompt length of each concurrent stream.
+    #[arg(long, default_value_t = 64)]
+    pub stream_prompt_tokens: usize,
+    /// Context depths at which decode speed is measured (0 skips them).
+    #[arg(long, value_delimiter = ',', default_value = "100,2000")]
+    pub depths: Vec<usize>,
 }
 
 #[derive(Args, Clone, Debug)]
@@ -137,22 +146,24 @@ pub enum BenchError {
 
 pub fn run(args: &BenchArgs, loaded: &Loaded) -> Result<(), BenchError> {
     let (entry, path) = fetched_model(loaded, args.model.as_deref(), JobKind::Chat)?;
-    let mut engine = ChatEngine::load(
-        &path,
-        crate::chat::ChatOptions::new((args.prompt_tokens + args.gen_tokens as usize + 64).max(4096), 1, args.threads),
-    )
-    .map_err(BenchError::Engine)?;
-    engine.set_ignore_eos(true);
-    let text = prompt_of_length(&engine, args.prompt_tokens)?;
-    let input = ChatInput {
-        messages: vec![ChatMessage { role: Role::User, content: text }],
-        params: SamplingParams {
-            temperature: 0.0,
-            max_tokens: args.gen_tokens,
-            repeat_penalty: 1.0,
-            ..Default::default()
-        },
+    let window =
+        (args.prompt_tokens.max(args.depths.iter().copied().max().unwrap_or(0)) + 2 * args.gen_tokens as usize + 64)
+            .max(4096);
+    let load = |batch: usize| -> Result<ChatEngine, BenchError> {
+        let mut engine =
+            ChatEngine::load(&path, ChatOptions::new(window, batch, args.threads)).map_err(BenchError::Engine)?;
+        engine.set_ignore_eos(true);
+        Ok(engine)
     };
+    let mut engine = load(1)?;
+    let engine_name = if engine.is_native() { "native" } else { "candle stock" };
+    let request = |engine: &ChatEngine, prompt_tokens: usize, gen: u32| -> Result<ChatInput, BenchError> {
+        Ok(ChatInput {
+            messages: vec![ChatMessage { role: Role::User, content: prompt_of_length(engine, prompt_tokens)? }],
+            params: SamplingParams { temperature: 0.0, max_tokens: gen, repeat_penalty: 1.0, ..Default::default() },
+        })
+    };
+    let input = request(&engine, args.prompt_tokens, args.gen_tokens)?;
     let mut rows = Vec::new();
     for i in 0..=args.runs {
         let done = engine.generate(&input, &|| false, &mut |_| {}).map_err(|e| BenchError::Engine(e.to_string()))?;
@@ -161,7 +172,13 @@ pub fn run(args: &BenchArgs, loaded: &Loaded) -> Result<(), BenchError> {
         }
     }
     let mean = |f: &dyn Fn(&natter_shared::proto::Metrics) -> f64| rows.iter().map(f).sum::<f64>() / rows.len() as f64;
-    println!("model {} ({}), {} threads, {} runs after one warm-up", entry.id, path.display(), args.threads, args.runs);
+    println!(
+        "model {} ({}), {engine_name} engine, {} threads, {} runs after one warm-up",
+        entry.id,
+        path.display(),
+        args.threads,
+        args.runs
+    );
     println!("| prompt tokens | generated | TTFT ms | prompt tok/s | decode tok/s | peak RSS MB |");
     println!("|---:|---:|---:|---:|---:|---:|");
     println!(
@@ -173,6 +190,95 @@ pub fn run(args: &BenchArgs, loaded: &Loaded) -> Result<(), BenchError> {
         mean(&|m| m.decode_tokens_per_s.unwrap_or(0.0)),
         peak_rss_mb()
     );
+
+    let depths: Vec<usize> = args.depths.iter().copied().filter(|&d| d > 0).collect();
+    if !depths.is_empty() {
+        println!();
+        println!("| context depth | decode tok/s (32 tokens) |");
+        println!("|---:|---:|");
+        for depth in depths {
+            let input = request(&engine, depth, 32)?;
+            let done =
+                engine.generate(&input, &|| false, &mut |_| {}).map_err(|e| BenchError::Engine(e.to_string()))?;
+            println!("| {} | {:.1} |", done.metrics.prompt_tokens, done.metrics.decode_tokens_per_s.unwrap_or(0.0));
+        }
+    }
+    drop(engine);
+
+    if args.streams > 1 {
+        let mut engine = load(args.streams)?;
+        if engine.slots() < args.streams {
+            println!("\n(this model runs on candle's stock path, one stream at a time; no batched figures)");
+            return Ok(());
+        }
+        let input = request(&engine, args.stream_prompt_tokens, args.gen_tokens)?;
+        // Idle time to first token of the same request, alone.
+        let idle = engine.generate(&input, &|| false, &mut |_| {}).map_err(|e| BenchError::Engine(e.to_string()))?;
+        let idle_ttft = idle.metrics.time_to_first_token_ms.unwrap_or(0.0);
+
+        // All streams at once: aggregate decode rate over the whole run.
+        let started = std::time::Instant::now();
+        for _ in 0..args.streams {
+            engine.admit(&input).map_err(|e| BenchError::Engine(e.to_string()))?;
+        }
+        let mut generated = 0usize;
+        // Decoding proper starts once every stream has its first token.
+        let mut answering = std::collections::HashSet::new();
+        let mut first_all = None;
+        while engine.running() > 0 {
+            for (id, event) in engine.step(&|_| false) {
+                match event {
+                    crate::chat::SequenceEvent::Finished(Ok(done)) => {
+                        generated += done.metrics.completion_tokens as usize
+                    }
+                    _ => {
+                        answering.insert(id);
+                    }
+                }
+            }
+            if answering.len() == args.streams {
+                first_all.get_or_insert_with(std::time::Instant::now);
+            }
+        }
+        let wall = started.elapsed().as_secs_f64();
+        let after_prompts = first_all.map_or(wall, |t| (std::time::Instant::now() - t).as_secs_f64());
+
+        // One request arriving while the others stream.
+        let long = request(&engine, args.stream_prompt_tokens, args.gen_tokens * 2)?;
+        for _ in 1..args.streams {
+            engine.admit(&long).map_err(|e| BenchError::Engine(e.to_string()))?;
+        }
+        for _ in 0..8 {
+            engine.step(&|_| false);
+        }
+        let arrived = std::time::Instant::now();
+        let late = engine.admit(&input).map_err(|e| BenchError::Engine(e.to_string()))?;
+        let mut loaded_ttft = None;
+        while loaded_ttft.is_none() {
+            for (id, event) in engine.step(&|_| false) {
+                if id == late && matches!(event, crate::chat::SequenceEvent::Text(_)) {
+                    loaded_ttft = Some(arrived.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+        }
+        println!();
+        println!(
+            "| streams | prompt tokens each | generated | aggregate tok/s (whole run) | aggregate decode tok/s | TTFT idle ms | TTFT with {} streaming ms | peak RSS MB |",
+            args.streams - 1
+        );
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!(
+            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} |",
+            args.streams,
+            idle.metrics.prompt_tokens,
+            generated,
+            generated as f64 / wall,
+            (generated - args.streams) as f64 / after_prompts,
+            idle_ttft,
+            loaded_ttft.unwrap_or(0.0),
+            peak_rss_mb()
+        );
+    }
     Ok(())
 }
 

@@ -586,27 +586,45 @@ fn matmul(team: &Team, acts: &Acts, rows: usize, jobs: &mut [(&Weight, &mut [f32
 fn matmul_part(w: &Weight, acts: &Acts, rows: usize, range: std::ops::Range<usize>, out: &Shards<f32>) {
     let act = w.wt.activation();
     let panel = (WEIGHT_PANEL_BYTES / w.row_bytes).max(4);
+    // SAFETY (all writes below): output (r, o) belongs to the thread owning weight row o.
+    let put = |r: usize, o: usize, v: f32| unsafe { out.part(r * w.rows + o..r * w.rows + o + 1)[0] = v };
     let mut start = range.start;
     while start < range.end {
         let end = (start + panel).min(range.end);
         let mut r = 0;
+        // Prompt chunks and batches: tiles of 2 weight rows by 4 activation rows.
         while r + 4 <= rows {
             let a = [acts.row(act, r), acts.row(act, r + 1), acts.row(act, r + 2), acts.row(act, r + 3)];
-            for o in start..end {
-                let d = quant::dot::<4>(w.wt, w.row(o), a, w.cols);
-                for (i, v) in d.into_iter().enumerate() {
-                    // SAFETY: output (r + i, o) belongs to this thread's weight rows.
-                    unsafe { out.part((r + i) * w.rows + o..(r + i) * w.rows + o + 1)[0] = v };
+            let mut o = start;
+            while o + 2 <= end {
+                let d = quant::dot::<2, 4>(w.wt, [w.row(o), w.row(o + 1)], a, w.cols);
+                for (i, row) in d.iter().enumerate() {
+                    for (j, v) in row.iter().enumerate() {
+                        put(r + j, o + i, *v);
+                    }
+                }
+                o += 2;
+            }
+            for o in o..end {
+                for (j, v) in quant::dot::<1, 4>(w.wt, [w.row(o)], a, w.cols)[0].iter().enumerate() {
+                    put(r + j, o, *v);
                 }
             }
             r += 4;
         }
+        // Single rows (decode): 4 weight rows at a time share each activation load.
         for r in r..rows {
             let a = [acts.row(act, r)];
-            // SAFETY: as above.
-            let dst = unsafe { out.part(r * w.rows + start..r * w.rows + end) };
-            for (o, d) in (start..end).zip(dst.iter_mut()) {
-                *d = quant::dot::<1>(w.wt, w.row(o), a, w.cols)[0];
+            let mut o = start;
+            while o + 4 <= end {
+                let d = quant::dot::<4, 1>(w.wt, [w.row(o), w.row(o + 1), w.row(o + 2), w.row(o + 3)], a, w.cols);
+                for (i, v) in d.iter().enumerate() {
+                    put(r, o + i, v[0]);
+                }
+                o += 4;
+            }
+            for o in o..end {
+                put(r, o, quant::dot::<1, 1>(w.wt, [w.row(o)], a, w.cols)[0][0]);
             }
         }
         start = end;

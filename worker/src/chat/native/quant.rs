@@ -201,10 +201,12 @@ pub fn dequantize_row(wt: WeightType, row: &[u8], out: &mut [f32]) {
     }
 }
 
-/// Dot products of one weight row with `M` activation rows, each quantized as
-/// `wt.activation()`. Uses AVX2 where the build has it.
+/// Dot products of `R` weight rows with `M` activation rows, each quantized as
+/// `wt.activation()`; `out[r][m]` is row r with activation m. Uses AVX2 where
+/// the build has it; every pair follows the same operation sequence whatever
+/// `R` and `M` are.
 #[inline]
-pub fn dot<const M: usize>(wt: WeightType, w: &[u8], a: [&[u8]; M], cols: usize) -> [f32; M] {
+pub fn dot<const R: usize, const M: usize>(wt: WeightType, w: [&[u8]; R], a: [&[u8]; M], cols: usize) -> [[f32; M]; R] {
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
     {
         match wt {
@@ -216,7 +218,7 @@ pub fn dot<const M: usize>(wt: WeightType, w: &[u8], a: [&[u8]; M], cols: usize)
             _ => {}
         }
     }
-    dot_reference(wt, w, a, cols)
+    w.map(|w| dot_reference(wt, w, a, cols))
 }
 
 /// Portable dot products; also the reference the SIMD kernels are tested against.
@@ -318,57 +320,69 @@ mod avx2 {
         half(std::slice::from_raw_parts(p, 2), 0)
     }
 
-    pub unsafe fn q4_1<const M: usize>(w: &[u8], a: [&[u8]; M], blocks: usize) -> [f32; M] {
-        let mut acc = [_mm256_setzero_ps(); M];
-        let mut mins = [0f32; M];
-        let (w, a) = (w.as_ptr(), a.map(|r| r.as_ptr()));
-        for b in 0..blocks {
-            let x = w.add(b * 20);
-            let (d, m) = (h(x), h(x.add(2)));
-            let qx = nibbles(x.add(4));
-            for r in 0..M {
-                let y = a[r].add(b * 36);
-                mins[r] += m * h(y.add(2));
-                let qy = _mm256_loadu_si256(y.add(4) as *const __m256i);
-                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * h(y)), unsigned_dot(qx, qy), acc[r]);
-            }
-        }
-        std::array::from_fn(|r| hsum(acc[r]) + mins[r])
+    /// The activation side of one block: quantized values and scale.
+    #[inline(always)]
+    unsafe fn act_block<const M: usize>(a: &[*const u8; M], at: usize, qs: usize) -> ([__m256i; M], [f32; M]) {
+        let q = std::array::from_fn(|m| _mm256_loadu_si256(a[m].add(at + qs) as *const __m256i));
+        let d = std::array::from_fn(|m| h(a[m].add(at)));
+        (q, d)
     }
 
-    pub unsafe fn q8_0<const M: usize>(w: &[u8], a: [&[u8]; M], blocks: usize) -> [f32; M] {
-        let mut acc = [_mm256_setzero_ps(); M];
-        let (w, a) = (w.as_ptr(), a.map(|r| r.as_ptr()));
+    pub unsafe fn q4_1<const R: usize, const M: usize>(w: [&[u8]; R], a: [&[u8]; M], blocks: usize) -> [[f32; M]; R] {
+        let mut acc = [[_mm256_setzero_ps(); M]; R];
+        let mut mins = [[0f32; M]; R];
+        let (w, a) = (w.map(|r| r.as_ptr()), a.map(|r| r.as_ptr()));
         for b in 0..blocks {
-            let x = w.add(b * 34);
-            let d = h(x);
-            let qx = _mm256_loadu_si256(x.add(2) as *const __m256i);
-            for r in 0..M {
-                let y = a[r].add(b * 34);
-                let qy = _mm256_loadu_si256(y.add(2) as *const __m256i);
-                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * h(y)), signed_dot(qx, qy), acc[r]);
+            let (qy, dy) = act_block(&a, b * 36, 4);
+            let sy: [f32; M] = std::array::from_fn(|m| h(a[m].add(b * 36 + 2)));
+            for r in 0..R {
+                let x = w[r].add(b * 20);
+                let (d, min) = (h(x), h(x.add(2)));
+                let qx = nibbles(x.add(4));
+                for m in 0..M {
+                    mins[r][m] += min * sy[m];
+                    acc[r][m] = _mm256_fmadd_ps(_mm256_set1_ps(d * dy[m]), unsigned_dot(qx, qy[m]), acc[r][m]);
+                }
             }
         }
-        std::array::from_fn(|r| hsum(acc[r]))
+        std::array::from_fn(|r| std::array::from_fn(|m| hsum(acc[r][m]) + mins[r][m]))
     }
 
-    pub unsafe fn q5_0<const M: usize>(w: &[u8], a: [&[u8]; M], blocks: usize) -> [f32; M] {
-        let mut acc = [_mm256_setzero_ps(); M];
-        let (w, a) = (w.as_ptr(), a.map(|r| r.as_ptr()));
+    pub unsafe fn q8_0<const R: usize, const M: usize>(w: [&[u8]; R], a: [&[u8]; M], blocks: usize) -> [[f32; M]; R] {
+        let mut acc = [[_mm256_setzero_ps(); M]; R];
+        let (w, a) = (w.map(|r| r.as_ptr()), a.map(|r| r.as_ptr()));
         for b in 0..blocks {
-            let x = w.add(b * 22);
-            let d = h(x);
-            // (nibble | high bit << 4) - 16: the nibble itself where the bit is
-            // set, the nibble with its top four bits set (i.e. minus 16) where not.
-            let high = _mm256_andnot_si256(bits(x.add(2)), _mm256_set1_epi8(0xF0u8 as i8));
-            let qx = _mm256_or_si256(nibbles(x.add(6)), high);
-            for r in 0..M {
-                let y = a[r].add(b * 34);
-                let qy = _mm256_loadu_si256(y.add(2) as *const __m256i);
-                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * h(y)), signed_dot(qx, qy), acc[r]);
+            let (qy, dy) = act_block(&a, b * 34, 2);
+            for r in 0..R {
+                let x = w[r].add(b * 34);
+                let d = h(x);
+                let qx = _mm256_loadu_si256(x.add(2) as *const __m256i);
+                for m in 0..M {
+                    acc[r][m] = _mm256_fmadd_ps(_mm256_set1_ps(d * dy[m]), signed_dot(qx, qy[m]), acc[r][m]);
+                }
             }
         }
-        std::array::from_fn(|r| hsum(acc[r]))
+        std::array::from_fn(|r| std::array::from_fn(|m| hsum(acc[r][m])))
+    }
+
+    pub unsafe fn q5_0<const R: usize, const M: usize>(w: [&[u8]; R], a: [&[u8]; M], blocks: usize) -> [[f32; M]; R] {
+        let mut acc = [[_mm256_setzero_ps(); M]; R];
+        let (w, a) = (w.map(|r| r.as_ptr()), a.map(|r| r.as_ptr()));
+        for b in 0..blocks {
+            let (qy, dy) = act_block(&a, b * 34, 2);
+            for r in 0..R {
+                let x = w[r].add(b * 22);
+                let d = h(x);
+                // (nibble | high bit << 4) - 16: the nibble itself where the bit is
+                // set, the nibble with its top four bits set (minus 16) where not.
+                let high = _mm256_andnot_si256(bits(x.add(2)), _mm256_set1_epi8(0xF0u8 as i8));
+                let qx = _mm256_or_si256(nibbles(x.add(6)), high);
+                for m in 0..M {
+                    acc[r][m] = _mm256_fmadd_ps(_mm256_set1_ps(d * dy[m]), signed_dot(qx, qy[m]), acc[r][m]);
+                }
+            }
+        }
+        std::array::from_fn(|r| std::array::from_fn(|m| hsum(acc[r][m])))
     }
 }
 
@@ -419,11 +433,19 @@ mod tests {
             })
             .collect();
         let a: [&[u8]; 4] = std::array::from_fn(|i| quantized[i].as_slice());
-        let four = dot::<4>(wt, as_bytes(&wq), a, cols);
-        let reference = dot_reference::<4>(wt, as_bytes(&wq), a, cols);
+        let w = as_bytes(&wq);
+        let four = dot::<1, 4>(wt, [w], a, cols)[0];
+        let tile = dot::<2, 4>(wt, [w, w], a, cols);
+        let rows = dot::<4, 1>(wt, [w, w, w, w], [a[1]], cols);
+        let reference = dot_reference::<4>(wt, w, a, cols);
         for i in 0..4 {
-            let one = dot::<1>(wt, as_bytes(&wq), [a[i]], cols)[0];
-            assert_eq!(one.to_bits(), four[i].to_bits(), "{wt:?}: batched and single kernels differ");
+            let one = dot::<1, 1>(wt, [w], [a[i]], cols)[0][0];
+            for other in [four[i], tile[0][i], tile[1][i]] {
+                assert_eq!(one.to_bits(), other.to_bits(), "{wt:?}: batched and single kernels differ");
+            }
+            if i == 1 {
+                assert!(rows.iter().all(|r| r[0].to_bits() == one.to_bits()));
+            }
             let candle_dot = W::vec_dot_unopt(cols, &wq, blocks::<W::VecDotType>(a[i]));
             for expected in [reference[i], candle_dot] {
                 assert!((one - expected).abs() <= 1e-4 * expected.abs().max(1.0), "{wt:?}: {one} vs {expected}");

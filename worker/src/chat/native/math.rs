@@ -1,5 +1,5 @@
 //! The small vector operations of a transformer layer: RMS norm, exp, SiLU, and
-//! the f16 dot products of attention. One implementation each, used by every
+//! attention's products with the f16 key/value cache. One implementation each, used by every
 //! path, so batched and unbatched results stay identical.
 
 use half::f16;
@@ -83,44 +83,113 @@ pub fn swiglu(gate: &mut [f32], up: &[f32], scratch: &mut Vec<f32>) {
     }
 }
 
-/// `q · k` with `k` stored as f16 bits; `q.len()` is a multiple of 8.
-#[inline]
-pub fn dot_f16(q: &[f32], k: &[u16]) -> f32 {
+/// `scores[j] = (q · k_j) * scale` for the keys stored one after another as f16
+/// bits, `q.len()` values each (16, 32, 64 or 128).
+pub fn attention_scores(q: &[f32], keys: &[u16], scale: f32, scores: &mut [f32]) {
+    let hd = q.len();
+    assert!(keys.len() >= scores.len() * hd);
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "f16c", target_feature = "fma"))]
-    // SAFETY: the build enables AVX2/F16C/FMA; both slices hold q.len() values.
+    // SAFETY: the build enables AVX2/F16C/FMA; lengths were checked above.
     unsafe {
-        use std::arch::x86_64::*;
-        let mut acc = _mm256_setzero_ps();
-        for i in (0..q.len()).step_by(8) {
-            let kv = _mm256_cvtph_ps(_mm_loadu_si128(k.as_ptr().add(i) as *const __m128i));
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(i)), kv, acc);
+        match hd {
+            16 => return simd::scores::<2>(q, keys, scale, scores),
+            32 => return simd::scores::<4>(q, keys, scale, scores),
+            64 => return simd::scores::<8>(q, keys, scale, scores),
+            128 => return simd::scores::<16>(q, keys, scale, scores),
+            _ => {}
         }
-        let r = _mm_add_ps(_mm256_extractf128_ps(acc, 1), _mm256_castps256_ps128(acc));
+    }
+    for (j, s) in scores.iter_mut().enumerate() {
+        let k = &keys[j * hd..(j + 1) * hd];
+        *s = q.iter().zip(k).map(|(a, b)| a * f16::from_bits(*b).to_f32()).sum::<f32>() * scale;
+    }
+}
+
+/// `out = Σ_j weights[j] * v_j` for the values stored one after another as f16
+/// bits, `out.len()` values each.
+pub fn weighted_values(weights: &[f32], values: &[u16], out: &mut [f32]) {
+    let hd = out.len();
+    assert!(values.len() >= weights.len() * hd);
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "f16c", target_feature = "fma"))]
+    // SAFETY: as above.
+    unsafe {
+        match hd {
+            16 => return simd::values::<2>(weights, values, out),
+            32 => return simd::values::<4>(weights, values, out),
+            64 => return simd::values::<8>(weights, values, out),
+            128 => return simd::values::<16>(weights, values, out),
+            _ => {}
+        }
+    }
+    out.fill(0.0);
+    for (j, w) in weights.iter().enumerate() {
+        for (o, v) in out.iter_mut().zip(&values[j * hd..(j + 1) * hd]) {
+            *o = w.mul_add(f16::from_bits(*v).to_f32(), *o);
+        }
+    }
+}
+
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "f16c", target_feature = "fma"))]
+mod simd {
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    unsafe fn hsum(x: __m256) -> f32 {
+        let r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
         let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
         let r = _mm_add_ss(r, _mm_movehdup_ps(r));
         _mm_cvtss_f32(r)
     }
-    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "f16c", target_feature = "fma")))]
-    q.iter().zip(k).map(|(a, b)| a * f16::from_bits(*b).to_f32()).sum()
-}
 
-/// `out += p * v` with `v` stored as f16 bits; `out.len()` is a multiple of 8.
-#[inline]
-pub fn axpy_f16(p: f32, v: &[u16], out: &mut [f32]) {
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "f16c", target_feature = "fma"))]
-    // SAFETY: as in `dot_f16`.
-    unsafe {
-        use std::arch::x86_64::*;
-        let pv = _mm256_set1_ps(p);
-        for i in (0..out.len()).step_by(8) {
-            let vv = _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(i) as *const __m128i));
-            let o = out.as_mut_ptr().add(i);
-            _mm256_storeu_ps(o, _mm256_fmadd_ps(pv, vv, _mm256_loadu_ps(o)));
+    #[inline(always)]
+    unsafe fn load_f16(p: *const u16) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+
+    /// The query stays in registers; four keys at a time keep four
+    /// independent sums in flight.
+    pub unsafe fn scores<const CH: usize>(q: &[f32], keys: &[u16], scale: f32, scores: &mut [f32]) {
+        let hd = CH * 8;
+        let qv: [__m256; CH] = std::array::from_fn(|c| _mm256_loadu_ps(q.as_ptr().add(c * 8)));
+        let k = keys.as_ptr();
+        let n = scores.len();
+        let mut j = 0;
+        while j + 4 <= n {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for c in 0..CH {
+                for (i, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(qv[c], load_f16(k.add((j + i) * hd + c * 8)), *a);
+                }
+            }
+            for (i, a) in acc.iter().enumerate() {
+                scores[j + i] = hsum(*a) * scale;
+            }
+            j += 4;
+        }
+        while j < n {
+            let mut acc = _mm256_setzero_ps();
+            for c in 0..CH {
+                acc = _mm256_fmadd_ps(qv[c], load_f16(k.add(j * hd + c * 8)), acc);
+            }
+            scores[j] = hsum(acc) * scale;
+            j += 1;
         }
     }
-    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "f16c", target_feature = "fma")))]
-    for (o, b) in out.iter_mut().zip(v) {
-        *o = p.mul_add(f16::from_bits(*b).to_f32(), *o);
+
+    /// The output stays in registers across all keys.
+    pub unsafe fn values<const CH: usize>(weights: &[f32], values: &[u16], out: &mut [f32]) {
+        let hd = CH * 8;
+        let v = values.as_ptr();
+        let mut acc = [_mm256_setzero_ps(); CH];
+        for (j, w) in weights.iter().enumerate() {
+            let wv = _mm256_set1_ps(*w);
+            for (c, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(wv, load_f16(v.add(j * hd + c * 8)), *a);
+            }
+        }
+        for (c, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(out.as_mut_ptr().add(c * 8), *a);
+        }
     }
 }
 
@@ -133,6 +202,29 @@ pub fn to_f16_bits(x: &[f32], out: &mut [u16]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn attention_kernels_match_plain_sums() {
+        for hd in [16, 64, 128] {
+            let n = 13;
+            let q: Vec<f32> = (0..hd).map(|i| (i as f32 * 0.37).sin()).collect();
+            let keys: Vec<u16> = (0..n * hd).map(|i| f16::from_f32((i as f32 * 0.11).cos()).to_bits()).collect();
+            let mut scores = vec![0f32; n];
+            attention_scores(&q, &keys, 0.5, &mut scores);
+            let weights: Vec<f32> = (0..n).map(|j| 1.0 / (j as f32 + 1.0)).collect();
+            let mut out = vec![0f32; hd];
+            weighted_values(&weights, &keys, &mut out);
+            for j in 0..n {
+                let k = |i: usize| f16::from_bits(keys[j * hd + i]).to_f32();
+                let expected: f32 = (0..hd).map(|i| q[i] * k(i)).sum::<f32>() * 0.5;
+                assert!((scores[j] - expected).abs() < 1e-4, "hd {hd} key {j}");
+            }
+            for i in 0..hd {
+                let expected: f32 = (0..n).map(|j| weights[j] * f16::from_bits(keys[j * hd + i]).to_f32()).sum();
+                assert!((out[i] - expected).abs() < 1e-4, "hd {hd} value {i}");
+            }
+        }
+    }
 
     #[test]
     fn exp_is_accurate_and_the_same_in_every_lane_position() {

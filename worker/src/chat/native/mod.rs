@@ -251,7 +251,12 @@ impl NativeModel {
         let layers = int("block_count")?;
         let head_dim = dim / heads.max(1);
         let rope_dim = int("rope.dimension_count").unwrap_or(head_dim);
-        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || head_dim % 8 != 0 || rope_dim != head_dim {
+        if heads == 0
+            || kv_heads == 0
+            || heads % kv_heads != 0
+            || ![16, 32, 64, 128].contains(&head_dim)
+            || rope_dim != head_dim
+        {
             return Err(NativeError::Unsupported(format!(
                 "{heads} heads, {kv_heads} KV heads, head size {head_dim}, rotary size {rope_dim}"
             )));
@@ -275,11 +280,15 @@ impl NativeModel {
                 return Err(NativeError::Unsupported(format!("{name} has {cols} columns")));
             }
             let row_bytes = cols / wt.block_elems() * wt.block_bytes();
-            let mut data = Aligned::zeroed(rows * row_bytes);
+            let mut raw = Aligned::zeroed(rows * row_bytes);
             let read = |source| NativeError::Read { path: path.into(), source };
             let mut file = file.borrow_mut();
             file.seek(SeekFrom::Start(content.tensor_data_offset + info.offset)).map_err(read)?;
-            file.read_exact(data.bytes_mut()).map_err(read)?;
+            file.read_exact(raw.bytes_mut()).map_err(read)?;
+            let mut data = Aligned::zeroed(rows * row_bytes);
+            for (gguf, row) in raw.bytes().chunks_exact(row_bytes).zip(data.bytes_mut().chunks_exact_mut(row_bytes)) {
+                wt.regroup_row(gguf, row);
+            }
             Ok(Weight { wt, rows, cols, row_bytes, data: Arc::new(data) })
         };
         let vector = |name: &str, len: usize| -> Result<Vec<f32>, NativeError> {
@@ -647,8 +656,8 @@ fn attention(team: &Team, c: &Config, layer: usize, rows: &[Row], cache: &KvCach
             let qh = &q[i * c.dim + h * hd..i * c.dim + (h + 1) * hd];
             let base = cache.offset(r.slot, layer, h / group, 0);
             let n = r.pos + 1;
-            scores.clear();
-            scores.extend((0..n).map(|j| math::dot_f16(qh, &cache.k[base + j * hd..base + (j + 1) * hd]) * scale));
+            scores.resize(n, 0.0);
+            math::attention_scores(qh, &cache.k[base..base + n * hd], scale, &mut scores);
             let max = scores.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
             for s in scores.iter_mut() {
                 *s -= max;
@@ -657,10 +666,7 @@ fn attention(team: &Team, c: &Config, layer: usize, rows: &[Row], cache: &KvCach
             let sum: f32 = scores.iter().sum();
             // SAFETY: each (row, head) output is written by exactly one thread.
             let o = unsafe { shards.part(i * c.dim + h * hd..i * c.dim + (h + 1) * hd) };
-            o.fill(0.0);
-            for (j, p) in scores.iter().enumerate() {
-                math::axpy_f16(*p, &cache.v[base + j * hd..base + (j + 1) * hd], o);
-            }
+            math::weighted_values(&scores, &cache.v[base..base + n * hd], o);
             let inv = 1.0 / sum;
             for v in o.iter_mut() {
                 *v *= inv;

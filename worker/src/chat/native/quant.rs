@@ -1,12 +1,18 @@
-//! Quantized blocks as GGUF stores them, the activation quantizers, and the dot
-//! products between them.
+//! Quantized weight rows, the activation quantizers, and the dot products
+//! between them.
 //!
-//! Weights stay in the file's own types: converting 4-bit blocks to Q8_0 would
+//! Weights keep the file's own types: converting 4-bit blocks to Q8_0 would
 //! make every decoded token read half as many bytes again, and decoding is bound
-//! by memory bandwidth. Each kernel takes one weight row and up to four
-//! activation rows; every accumulator follows the same operation sequence
-//! whatever the number of activation rows, so a batched forward pass gives
-//! bit-identical results to an unbatched one.
+//! by memory bandwidth. At load, each row of a 32-wide type is regrouped from
+//! GGUF's array of blocks into its quantized values followed by its block
+//! scales (same bytes, another order), and activations are quantized the same
+//! way with f32 scales. The kernels then turn eight block scales into floats
+//! with one instruction and multiply them with the activation's in one more,
+//! instead of converting two half floats per block and pair.
+//!
+//! Each kernel takes `R` weight rows and `M` activation rows; every pair
+//! follows the same operation sequence whatever `R` and `M` are, so a batched
+//! forward pass gives bit-identical results to an unbatched one.
 
 use candle_core::quantized::k_quants::{BlockQ4K, BlockQ6K, BlockQ8K, GgmlType};
 use candle_core::quantized::GgmlDType;
@@ -27,8 +33,11 @@ pub enum WeightType {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ActType {
     F32,
+    /// 32-wide blocks of i8 with an f32 scale per block.
     Q8_0,
+    /// As Q8_0, plus each block's sum times its scale (for Q4_1's offsets).
     Q8_1,
+    /// candle's 256-wide blocks for the k-quants.
     Q8K,
 }
 
@@ -74,6 +83,31 @@ impl WeightType {
             WeightType::Q4K | WeightType::Q6K => ActType::Q8K,
         }
     }
+
+    /// GGUF's blocks of one row → natter's row layout: the blocks' quantized
+    /// parts in order, then each per-block field as its own array. The k-quants
+    /// and f32 stay as they are (candle's kernels read them).
+    pub fn regroup_row(self, gguf: &[u8], out: &mut [u8]) {
+        let fields: &[(usize, usize)] = match self {
+            // (offset in the block, length): quantized values first.
+            WeightType::Q4_1 => &[(4, 16), (0, 2), (2, 2)],
+            WeightType::Q5_0 => &[(6, 16), (2, 4), (0, 2)],
+            WeightType::Q8_0 => &[(2, 32), (0, 2)],
+            _ => {
+                out.copy_from_slice(gguf);
+                return;
+            }
+        };
+        let size = self.block_bytes();
+        let blocks = gguf.len() / size;
+        let mut at = 0;
+        for &(offset, len) in fields {
+            for b in 0..blocks {
+                out[at..at + len].copy_from_slice(&gguf[b * size + offset..b * size + offset + len]);
+                at += len;
+            }
+        }
+    }
 }
 
 impl ActType {
@@ -88,8 +122,8 @@ impl ActType {
     pub fn block_bytes(self) -> usize {
         match self {
             ActType::F32 => 4,
-            ActType::Q8_0 => 34,
-            ActType::Q8_1 => 36,
+            ActType::Q8_0 => 36,
+            ActType::Q8_1 => 40,
             ActType::Q8K => std::mem::size_of::<BlockQ8K>(),
         }
     }
@@ -99,16 +133,17 @@ impl ActType {
     }
 }
 
-fn half(bytes: &[u8], at: usize) -> f32 {
+fn half_at(bytes: &[u8], at: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([bytes[at], bytes[at + 1]])).to_f32()
 }
 
-fn put_half(bytes: &mut [u8], at: usize, value: f16) {
-    bytes[at..at + 2].copy_from_slice(&value.to_bits().to_le_bytes());
+fn f32_at(bytes: &[u8], at: usize) -> f32 {
+    f32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
 }
 
-/// Quantizes one row of `x` into `out` (`act.row_bytes(x.len())` bytes), with
-/// the same rounding as ggml's reference quantizers.
+/// Quantizes one row of `x` into `out` (`act.row_bytes(x.len())` bytes). Scales
+/// are rounded to f16 and sums computed as ggml's reference quantizers do, so
+/// the values equal candle's Q8_0/Q8_1 blocks; only the layout differs.
 pub fn quantize_row(act: ActType, x: &[f32], out: &mut [u8]) {
     match act {
         ActType::F32 => {
@@ -117,29 +152,28 @@ pub fn quantize_row(act: ActType, x: &[f32], out: &mut [u8]) {
             }
         }
         ActType::Q8_0 | ActType::Q8_1 => {
-            let bytes = act.block_bytes();
-            for (xs, block) in x.chunks_exact(32).zip(out.chunks_exact_mut(bytes)) {
+            let cols = x.len();
+            let blocks = cols / 32;
+            let (qs, scales) = out.split_at_mut(cols);
+            for (b, xs) in x.chunks_exact(32).enumerate() {
                 let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
                 let d = amax / 127.0;
                 let id = if d != 0.0 { 1.0 / d } else { 0.0 };
                 let dh = f16::from_f32(d);
-                put_half(block, 0, dh);
-                let qs_at = bytes - 32;
                 let mut sum = 0i32;
                 for (j, v) in xs.iter().enumerate() {
                     let q = (v * id).round() as i8;
-                    block[qs_at + j] = q as u8;
+                    qs[b * 32 + j] = q as u8;
                     sum += q as i32;
                 }
+                scales[b * 4..b * 4 + 4].copy_from_slice(&dh.to_f32().to_le_bytes());
                 if act == ActType::Q8_1 {
-                    put_half(block, 2, f16::from_f32(sum as f32) * dh);
+                    let s = (f16::from_f32(sum as f32) * dh).to_f32();
+                    scales[(blocks + b) * 4..(blocks + b) * 4 + 4].copy_from_slice(&s.to_le_bytes());
                 }
             }
         }
-        ActType::Q8K => {
-            let blocks = q8k_blocks_mut(out);
-            BlockQ8K::from_float(x, blocks);
-        }
+        ActType::Q8K => BlockQ8K::from_float(x, q8k_blocks_mut(out)),
     }
 }
 
@@ -159,38 +193,39 @@ fn blocks<T>(bytes: &[u8]) -> &[T] {
     unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, n) }
 }
 
-/// Dequantizes one weight row.
+/// Dequantizes one regrouped weight row.
 pub fn dequantize_row(wt: WeightType, row: &[u8], out: &mut [f32]) {
+    let nb = out.len() / 32;
     match wt {
         WeightType::F32 => {
-            for (o, b) in out.iter_mut().zip(row.chunks_exact(4)) {
-                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = f32_at(row, i * 4);
             }
         }
         WeightType::Q8_0 => {
-            for (block, o) in row.chunks_exact(34).zip(out.chunks_exact_mut(32)) {
-                let d = half(block, 0);
+            for (b, o) in out.chunks_exact_mut(32).enumerate() {
+                let d = half_at(row, nb * 32 + b * 2);
                 for (j, v) in o.iter_mut().enumerate() {
-                    *v = block[2 + j] as i8 as f32 * d;
+                    *v = row[b * 32 + j] as i8 as f32 * d;
                 }
             }
         }
         WeightType::Q4_1 => {
-            for (block, o) in row.chunks_exact(20).zip(out.chunks_exact_mut(32)) {
-                let (d, m) = (half(block, 0), half(block, 2));
+            for (b, o) in out.chunks_exact_mut(32).enumerate() {
+                let (d, m) = (half_at(row, nb * 16 + b * 2), half_at(row, nb * 18 + b * 2));
                 for j in 0..16 {
-                    o[j] = (block[4 + j] & 0x0F) as f32 * d + m;
-                    o[j + 16] = (block[4 + j] >> 4) as f32 * d + m;
+                    o[j] = (row[b * 16 + j] & 0x0F) as f32 * d + m;
+                    o[j + 16] = (row[b * 16 + j] >> 4) as f32 * d + m;
                 }
             }
         }
         WeightType::Q5_0 => {
-            for (block, o) in row.chunks_exact(22).zip(out.chunks_exact_mut(32)) {
-                let d = half(block, 0);
-                let qh = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+            for (b, o) in out.chunks_exact_mut(32).enumerate() {
+                let d = half_at(row, nb * 20 + b * 2);
+                let qh = u32::from_le_bytes(row[nb * 16 + b * 4..nb * 16 + b * 4 + 4].try_into().expect("4 bytes"));
                 for j in 0..16 {
-                    let lo = (block[6 + j] & 0x0F) as i32 | (((qh >> j) & 1) << 4) as i32;
-                    let hi = (block[6 + j] >> 4) as i32 | (((qh >> (j + 16)) & 1) << 4) as i32;
+                    let lo = (row[b * 16 + j] & 0x0F) as i32 | (((qh >> j) & 1) << 4) as i32;
+                    let hi = (row[b * 16 + j] >> 4) as i32 | (((qh >> (j + 16)) & 1) << 4) as i32;
                     o[j] = (lo - 16) as f32 * d;
                     o[j + 16] = (hi - 16) as f32 * d;
                 }
@@ -207,15 +242,25 @@ pub fn dequantize_row(wt: WeightType, row: &[u8], out: &mut [f32]) {
 /// `R` and `M` are.
 #[inline]
 pub fn dot<const R: usize, const M: usize>(wt: WeightType, w: [&[u8]; R], a: [&[u8]; M], cols: usize) -> [[f32; M]; R] {
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
     {
-        match wt {
-            // SAFETY: the build enables AVX2 and FMA; the row lengths match
-            // `cols` (checked when the weights and activations were laid out).
-            WeightType::Q4_1 => return unsafe { avx2::q4_1(w, a, cols / 32) },
-            WeightType::Q8_0 => return unsafe { avx2::q8_0(w, a, cols / 32) },
-            WeightType::Q5_0 => return unsafe { avx2::q5_0(w, a, cols / 32) },
-            _ => {}
+        if matches!(wt, WeightType::Q4_1 | WeightType::Q8_0 | WeightType::Q5_0) {
+            for row in w.iter() {
+                assert_eq!(row.len(), cols / 32 * wt.block_bytes(), "weight row length");
+            }
+            for row in a.iter() {
+                assert_eq!(row.len(), wt.activation().row_bytes(cols), "activation row length");
+            }
+            let nb = cols / 32;
+            // SAFETY: the build enables AVX2, FMA and F16C; the row lengths
+            // were checked above.
+            unsafe {
+                return match wt {
+                    WeightType::Q4_1 => avx2::dot::<{ avx2::Q4_1 }, R, M>(w, a, nb),
+                    WeightType::Q5_0 => avx2::dot::<{ avx2::Q5_0 }, R, M>(w, a, nb),
+                    _ => avx2::dot::<{ avx2::Q8_0 }, R, M>(w, a, nb),
+                };
+            }
         }
     }
     w.map(|w| dot_reference(wt, w, a, cols))
@@ -223,45 +268,39 @@ pub fn dot<const R: usize, const M: usize>(wt: WeightType, w: [&[u8]; R], a: [&[
 
 /// Portable dot products; also the reference the SIMD kernels are tested against.
 pub fn dot_reference<const M: usize>(wt: WeightType, w: &[u8], a: [&[u8]; M], cols: usize) -> [f32; M] {
+    let nb = cols / 32;
     let mut out = [0f32; M];
     for (o, a) in out.iter_mut().zip(a) {
+        let ad = |b: usize| f32_at(a, cols + b * 4);
         *o = match wt {
-            WeightType::F32 => {
-                let f = |b: &[u8]| f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                w.chunks_exact(4).zip(a.chunks_exact(4)).map(|(x, y)| f(x) * f(y)).sum()
-            }
-            WeightType::Q8_0 => w
-                .chunks_exact(34)
-                .zip(a.chunks_exact(34))
-                .map(|(x, y)| {
-                    let s: i32 = (0..32).map(|j| x[2 + j] as i8 as i32 * y[2 + j] as i8 as i32).sum();
-                    s as f32 * (half(x, 0) * half(y, 0))
+            WeightType::F32 => (0..cols).map(|i| f32_at(w, i * 4) * f32_at(a, i * 4)).sum(),
+            WeightType::Q8_0 => (0..nb)
+                .map(|b| {
+                    let s: i32 = (0..32).map(|j| w[b * 32 + j] as i8 as i32 * a[b * 32 + j] as i8 as i32).sum();
+                    s as f32 * (half_at(w, nb * 32 + b * 2) * ad(b))
                 })
                 .sum(),
-            WeightType::Q4_1 => w
-                .chunks_exact(20)
-                .zip(a.chunks_exact(36))
-                .map(|(x, y)| {
+            WeightType::Q4_1 => (0..nb)
+                .map(|b| {
                     let mut s = 0i32;
                     for j in 0..16 {
-                        s += (x[4 + j] & 0x0F) as i32 * y[4 + j] as i8 as i32;
-                        s += (x[4 + j] >> 4) as i32 * y[20 + j] as i8 as i32;
+                        s += (w[b * 16 + j] & 0x0F) as i32 * a[b * 32 + j] as i8 as i32;
+                        s += (w[b * 16 + j] >> 4) as i32 * a[b * 32 + 16 + j] as i8 as i32;
                     }
-                    s as f32 * (half(x, 0) * half(y, 0)) + half(x, 2) * half(y, 2)
+                    let (d, m) = (half_at(w, nb * 16 + b * 2), half_at(w, nb * 18 + b * 2));
+                    s as f32 * (d * ad(b)) + m * f32_at(a, cols + (nb + b) * 4)
                 })
                 .sum(),
-            WeightType::Q5_0 => w
-                .chunks_exact(22)
-                .zip(a.chunks_exact(34))
-                .map(|(x, y)| {
-                    let qh = u32::from_le_bytes([x[2], x[3], x[4], x[5]]);
+            WeightType::Q5_0 => (0..nb)
+                .map(|b| {
+                    let qh = u32::from_le_bytes(w[nb * 16 + b * 4..nb * 16 + b * 4 + 4].try_into().expect("4 bytes"));
                     let mut s = 0i32;
                     for j in 0..16 {
-                        let lo = ((x[6 + j] & 0x0F) as i32 | (((qh >> j) & 1) << 4) as i32) - 16;
-                        let hi = ((x[6 + j] >> 4) as i32 | (((qh >> (j + 16)) & 1) << 4) as i32) - 16;
-                        s += lo * y[2 + j] as i8 as i32 + hi * y[18 + j] as i8 as i32;
+                        let lo = ((w[b * 16 + j] & 0x0F) as i32 | (((qh >> j) & 1) << 4) as i32) - 16;
+                        let hi = ((w[b * 16 + j] >> 4) as i32 | (((qh >> (j + 16)) & 1) << 4) as i32) - 16;
+                        s += lo * a[b * 32 + j] as i8 as i32 + hi * a[b * 32 + 16 + j] as i8 as i32;
                     }
-                    s as f32 * (half(x, 0) * half(y, 0))
+                    s as f32 * (half_at(w, nb * 20 + b * 2) * ad(b))
                 })
                 .sum(),
             // candle's kernels (AVX2 where available) for the k-quants.
@@ -272,10 +311,14 @@ pub fn dot_reference<const M: usize>(wt: WeightType, w: &[u8], a: [&[u8]; M], co
     out
 }
 
-#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
 mod avx2 {
-    use super::half;
     use std::arch::x86_64::*;
+
+    // The weight type, as a const parameter so each kernel compiles straight.
+    pub const Q4_1: u8 = 0;
+    pub const Q5_0: u8 = 1;
+    pub const Q8_0: u8 = 2;
 
     #[inline(always)]
     unsafe fn nibbles(p: *const u8) -> __m256i {
@@ -316,73 +359,108 @@ mod avx2 {
     }
 
     #[inline(always)]
-    unsafe fn h(p: *const u8) -> f32 {
-        half(std::slice::from_raw_parts(p, 2), 0)
+    unsafe fn half(p: *const u8) -> f32 {
+        half::f16::from_bits((p as *const u16).read_unaligned()).to_f32()
     }
 
-    /// The activation side of one block: quantized values and scale.
     #[inline(always)]
-    unsafe fn act_block<const M: usize>(a: &[*const u8; M], at: usize, qs: usize) -> ([__m256i; M], [f32; M]) {
-        let q = std::array::from_fn(|m| _mm256_loadu_si256(a[m].add(at + qs) as *const __m256i));
-        let d = std::array::from_fn(|m| h(a[m].add(at)));
-        (q, d)
+    unsafe fn float(p: *const u8) -> f32 {
+        (p as *const f32).read_unaligned()
     }
 
-    pub unsafe fn q4_1<const R: usize, const M: usize>(w: [&[u8]; R], a: [&[u8]; M], blocks: usize) -> [[f32; M]; R] {
-        let mut acc = [[_mm256_setzero_ps(); M]; R];
-        let mut mins = [[0f32; M]; R];
+    /// The quantized values of weight block `b` as signed (Q5_0, Q8_0) or
+    /// unsigned (Q4_1) bytes.
+    #[inline(always)]
+    unsafe fn weight_block<const K: u8>(w: *const u8, nb: usize, b: usize) -> __m256i {
+        match K {
+            Q4_1 => nibbles(w.add(b * 16)),
+            Q8_0 => _mm256_loadu_si256(w.add(b * 32) as *const __m256i),
+            _ => {
+                // (nibble | high bit << 4) - 16: the nibble itself where the bit
+                // is set, the nibble with its top four bits set where not.
+                let high = _mm256_andnot_si256(bits(w.add(nb * 16 + b * 4)), _mm256_set1_epi8(0xF0u8 as i8));
+                _mm256_or_si256(nibbles(w.add(b * 16)), high)
+            }
+        }
+    }
+
+    /// Where a weight row's block scales start.
+    #[inline(always)]
+    fn scales_at<const K: u8>(nb: usize) -> usize {
+        match K {
+            Q4_1 => nb * 16,
+            Q5_0 => nb * 20,
+            _ => nb * 32,
+        }
+    }
+
+    #[inline(always)]
+    pub unsafe fn dot<const K: u8, const R: usize, const M: usize>(
+        w: [&[u8]; R],
+        a: [&[u8]; M],
+        nb: usize,
+    ) -> [[f32; M]; R] {
         let (w, a) = (w.map(|r| r.as_ptr()), a.map(|r| r.as_ptr()));
-        for b in 0..blocks {
-            let (qy, dy) = act_block(&a, b * 36, 4);
-            let sy: [f32; M] = std::array::from_fn(|m| h(a[m].add(b * 36 + 2)));
+        let cols = nb * 32;
+        let mut acc = [[_mm256_setzero_ps(); M]; R];
+        let mut offsets = [[_mm256_setzero_ps(); M]; R];
+        let mut tail_offsets = [[0f32; M]; R];
+        let mut scale = [[[0f32; 8]; M]; R];
+        let dx_at = scales_at::<K>(nb);
+        for group in (0..nb).step_by(8) {
+            let n = (nb - group).min(8);
+            // Eight blocks' scale products per pair at once; Q4_1's offsets
+            // (min × activation sum) go into their own accumulator. A short
+            // last group is done one block at a time.
             for r in 0..R {
-                let x = w[r].add(b * 20);
-                let (d, min) = (h(x), h(x.add(2)));
-                let qx = nibbles(x.add(4));
-                for m in 0..M {
-                    mins[r][m] += min * sy[m];
-                    acc[r][m] = _mm256_fmadd_ps(_mm256_set1_ps(d * dy[m]), unsigned_dot(qx, qy[m]), acc[r][m]);
+                if n == 8 {
+                    let dx = _mm256_cvtph_ps(_mm_loadu_si128(w[r].add(dx_at + group * 2) as *const __m128i));
+                    for m in 0..M {
+                        let dy = _mm256_loadu_ps(a[m].add(cols + group * 4) as *const f32);
+                        _mm256_storeu_ps(scale[r][m].as_mut_ptr(), _mm256_mul_ps(dx, dy));
+                        if K == Q4_1 {
+                            let mx = _mm256_cvtph_ps(_mm_loadu_si128(w[r].add(nb * 18 + group * 2) as *const __m128i));
+                            let sy = _mm256_loadu_ps(a[m].add(cols + (nb + group) * 4) as *const f32);
+                            offsets[r][m] = _mm256_fmadd_ps(mx, sy, offsets[r][m]);
+                        }
+                    }
+                } else {
+                    for i in 0..n {
+                        let b = group + i;
+                        let dx = half(w[r].add(dx_at + b * 2));
+                        for m in 0..M {
+                            scale[r][m][i] = dx * float(a[m].add(cols + b * 4));
+                            if K == Q4_1 {
+                                let mx = half(w[r].add(nb * 18 + b * 2));
+                                tail_offsets[r][m] =
+                                    mx.mul_add(float(a[m].add(cols + (nb + b) * 4)), tail_offsets[r][m]);
+                            }
+                        }
+                    }
+                }
+            }
+            for i in 0..n {
+                let b = group + i;
+                let qy: [__m256i; M] = std::array::from_fn(|m| _mm256_loadu_si256(a[m].add(b * 32) as *const __m256i));
+                for r in 0..R {
+                    let qx = weight_block::<K>(w[r], nb, b);
+                    for m in 0..M {
+                        let p = if K == Q4_1 { unsigned_dot(qx, qy[m]) } else { signed_dot(qx, qy[m]) };
+                        acc[r][m] = _mm256_fmadd_ps(_mm256_broadcast_ss(&scale[r][m][i]), p, acc[r][m]);
+                    }
                 }
             }
         }
-        std::array::from_fn(|r| std::array::from_fn(|m| hsum(acc[r][m]) + mins[r][m]))
-    }
-
-    pub unsafe fn q8_0<const R: usize, const M: usize>(w: [&[u8]; R], a: [&[u8]; M], blocks: usize) -> [[f32; M]; R] {
-        let mut acc = [[_mm256_setzero_ps(); M]; R];
-        let (w, a) = (w.map(|r| r.as_ptr()), a.map(|r| r.as_ptr()));
-        for b in 0..blocks {
-            let (qy, dy) = act_block(&a, b * 34, 2);
-            for r in 0..R {
-                let x = w[r].add(b * 34);
-                let d = h(x);
-                let qx = _mm256_loadu_si256(x.add(2) as *const __m256i);
-                for m in 0..M {
-                    acc[r][m] = _mm256_fmadd_ps(_mm256_set1_ps(d * dy[m]), signed_dot(qx, qy[m]), acc[r][m]);
+        std::array::from_fn(|r| {
+            std::array::from_fn(|m| {
+                let sum = hsum(acc[r][m]);
+                if K == Q4_1 {
+                    sum + (hsum(offsets[r][m]) + tail_offsets[r][m])
+                } else {
+                    sum
                 }
-            }
-        }
-        std::array::from_fn(|r| std::array::from_fn(|m| hsum(acc[r][m])))
-    }
-
-    pub unsafe fn q5_0<const R: usize, const M: usize>(w: [&[u8]; R], a: [&[u8]; M], blocks: usize) -> [[f32; M]; R] {
-        let mut acc = [[_mm256_setzero_ps(); M]; R];
-        let (w, a) = (w.map(|r| r.as_ptr()), a.map(|r| r.as_ptr()));
-        for b in 0..blocks {
-            let (qy, dy) = act_block(&a, b * 34, 2);
-            for r in 0..R {
-                let x = w[r].add(b * 22);
-                let d = h(x);
-                // (nibble | high bit << 4) - 16: the nibble itself where the bit is
-                // set, the nibble with its top four bits set (minus 16) where not.
-                let high = _mm256_andnot_si256(bits(x.add(2)), _mm256_set1_epi8(0xF0u8 as i8));
-                let qx = _mm256_or_si256(nibbles(x.add(6)), high);
-                for m in 0..M {
-                    acc[r][m] = _mm256_fmadd_ps(_mm256_set1_ps(d * dy[m]), signed_dot(qx, qy[m]), acc[r][m]);
-                }
-            }
-        }
-        std::array::from_fn(|r| std::array::from_fn(|m| hsum(acc[r][m])))
+            })
+        })
     }
 }
 
@@ -402,8 +480,19 @@ mod tests {
         unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
     }
 
-    /// Our layout reading of each type agrees with candle's own quantizer and
-    /// dequantizer, and the SIMD kernels with the portable ones and candle's.
+    /// An 8-aligned byte buffer (what the model's arenas provide).
+    fn aligned(len: usize) -> Vec<u64> {
+        vec![0u64; len.div_ceil(8)]
+    }
+
+    fn bytes_mut(v: &mut [u64], len: usize) -> &mut [u8] {
+        // SAFETY: viewing the u64 buffer as bytes.
+        unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, len) }
+    }
+
+    /// Our reading of each type agrees with candle's quantizer and dequantizer,
+    /// and the SIMD kernels with the portable ones and candle's, at every tile
+    /// shape, bit for bit between shapes.
     fn check<W: GgmlType>(wt: WeightType, cols: usize)
     where
         W::VecDotType: GgmlType,
@@ -413,40 +502,47 @@ mod tests {
         W::from_float(&xs, &mut wq);
         let mut back = vec![0f32; cols];
         W::to_float(&wq, &mut back);
+        let mut row_buf = aligned(as_bytes(&wq).len());
+        let row = bytes_mut(&mut row_buf, as_bytes(&wq).len());
+        wt.regroup_row(as_bytes(&wq), row);
+        let row: &[u8] = row;
         let mut ours = vec![0f32; cols];
-        dequantize_row(wt, as_bytes(&wq), &mut ours);
+        dequantize_row(wt, row, &mut ours);
         assert_eq!(ours, back, "{wt:?} dequantization");
 
         let act = wt.activation();
         let rows: Vec<Vec<f32>> = (0..4).map(|s| random(cols, 10 + s)).collect();
-        let quantized: Vec<Vec<u8>> = rows
+        let mut bufs: Vec<Vec<u64>> = Vec::new();
+        let mut candle_acts = Vec::new();
+        for r in &rows {
+            let mut candle_q = vec![W::VecDotType::zeros(); cols / W::VecDotType::BLCK_SIZE];
+            W::VecDotType::from_float(r, &mut candle_q);
+            let mut buf = aligned(act.row_bytes(cols));
+            quantize_row(act, r, bytes_mut(&mut buf, act.row_bytes(cols)));
+            bufs.push(buf);
+            candle_acts.push(candle_q);
+        }
+        let views: Vec<&[u8]> = bufs
             .iter()
-            .map(|r| {
-                let mut candle_q = vec![W::VecDotType::zeros(); cols / W::VecDotType::BLCK_SIZE];
-                W::VecDotType::from_float(r, &mut candle_q);
-                let mut q = vec![0u64; act.row_bytes(cols).div_ceil(8)];
+            .map(|b| {
                 // SAFETY: viewing the u64 buffer as bytes.
-                let bytes = unsafe { std::slice::from_raw_parts_mut(q.as_mut_ptr() as *mut u8, act.row_bytes(cols)) };
-                quantize_row(act, r, bytes);
-                assert_eq!(bytes, as_bytes(&candle_q), "{act:?} quantization");
-                bytes.to_vec()
+                unsafe { std::slice::from_raw_parts(b.as_ptr() as *const u8, act.row_bytes(cols)) }
             })
             .collect();
-        let a: [&[u8]; 4] = std::array::from_fn(|i| quantized[i].as_slice());
-        let w = as_bytes(&wq);
-        let four = dot::<1, 4>(wt, [w], a, cols)[0];
-        let tile = dot::<2, 4>(wt, [w, w], a, cols);
-        let rows = dot::<4, 1>(wt, [w, w, w, w], [a[1]], cols);
-        let reference = dot_reference::<4>(wt, w, a, cols);
+        let a: [&[u8]; 4] = std::array::from_fn(|i| views[i]);
+        let four = dot::<1, 4>(wt, [row], a, cols)[0];
+        let tile = dot::<2, 4>(wt, [row, row], a, cols);
+        let rows4 = dot::<4, 1>(wt, [row, row, row, row], [a[1]], cols);
+        let reference = dot_reference::<4>(wt, row, a, cols);
         for i in 0..4 {
-            let one = dot::<1, 1>(wt, [w], [a[i]], cols)[0][0];
+            let one = dot::<1, 1>(wt, [row], [a[i]], cols)[0][0];
             for other in [four[i], tile[0][i], tile[1][i]] {
                 assert_eq!(one.to_bits(), other.to_bits(), "{wt:?}: batched and single kernels differ");
             }
             if i == 1 {
-                assert!(rows.iter().all(|r| r[0].to_bits() == one.to_bits()));
+                assert!(rows4.iter().all(|r| r[0].to_bits() == one.to_bits()));
             }
-            let candle_dot = W::vec_dot_unopt(cols, &wq, blocks::<W::VecDotType>(a[i]));
+            let candle_dot = W::vec_dot_unopt(cols, &wq, &candle_acts[i]);
             for expected in [reference[i], candle_dot] {
                 assert!((one - expected).abs() <= 1e-4 * expected.abs().max(1.0), "{wt:?}: {one} vs {expected}");
             }
@@ -458,7 +554,56 @@ mod tests {
         check::<BlockQ8_0>(WeightType::Q8_0, 576);
         check::<BlockQ4_1>(WeightType::Q4_1, 576);
         check::<BlockQ5_0>(WeightType::Q5_0, 896);
+        check::<BlockQ8_0>(WeightType::Q8_0, 64);
         check::<BlockQ4K>(WeightType::Q4K, 512);
         check::<BlockQ6K>(WeightType::Q6K, 512);
+    }
+}
+#[cfg(test)]
+mod speed {
+    use super::*;
+    #[test]
+    #[ignore]
+    fn kernel_speed() {
+        let cols = 576;
+        let nb = cols / 32;
+        let act = ActType::Q8_1;
+        let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.1).sin()).collect();
+        let mut a = vec![0u64; act.row_bytes(cols).div_ceil(8)];
+        let ab = unsafe { std::slice::from_raw_parts_mut(a.as_mut_ptr() as *mut u8, act.row_bytes(cols)) };
+        quantize_row(act, &x, ab);
+        let ab: &[u8] = ab;
+        for rows in [256usize, 1536, 49152, 300_000] {
+            let rb = nb * 20;
+            let w: Vec<u8> = (0..rows * rb).map(|i| (i * 7 % 251) as u8 & 0x3b).collect();
+            let reps = (200_000_000 / (rows * rb)).max(1);
+            let t = std::time::Instant::now();
+            let mut sink = 0f32;
+            for _ in 0..reps {
+                let mut o = 0;
+                while o + 4 <= rows {
+                    let d = dot::<4, 1>(
+                        WeightType::Q4_1,
+                        [
+                            &w[o * rb..(o + 1) * rb],
+                            &w[(o + 1) * rb..(o + 2) * rb],
+                            &w[(o + 2) * rb..(o + 3) * rb],
+                            &w[(o + 3) * rb..(o + 4) * rb],
+                        ],
+                        [ab],
+                        cols,
+                    );
+                    sink += d[0][0] + d[3][0];
+                    o += 4;
+                }
+            }
+            let secs = t.elapsed().as_secs_f64();
+            let bytes = (reps * rows * rb) as f64;
+            eprintln!(
+                "rows {rows}: {:.2} GB/s, {:.2} ns per block-row ({sink})",
+                bytes / secs / 1e9,
+                secs * 1e9 / (reps * rows * nb) as f64
+            );
+        }
     }
 }

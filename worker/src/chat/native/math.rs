@@ -73,6 +73,32 @@ unsafe fn avx2_exp(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
     _mm256_mul_ps(y, _mm256_castsi256_ps(pow2))
 }
 
+/// Turns scores into unnormalized softmax weights in place and returns their
+/// sum: `x[i] = exp(x[i] - max)`. Eight lanes of maximum and sum, so long
+/// contexts are not held up by a chain of scalar dependencies.
+pub fn softmax_weights(x: &mut [f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut chunks = x.chunks_exact(8);
+    for chunk in &mut chunks {
+        for (l, v) in lanes.iter_mut().zip(chunk) {
+            *l = l.max(*v);
+        }
+    }
+    let max = chunks.remainder().iter().fold(lanes.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v)), |m, v| m.max(*v));
+    for v in x.iter_mut() {
+        *v -= max;
+    }
+    exp_in_place(x);
+    let mut sums = [0f32; 8];
+    let mut chunks = x.chunks_exact(8);
+    for chunk in &mut chunks {
+        for (s, v) in sums.iter_mut().zip(chunk) {
+            *s += v;
+        }
+    }
+    sums.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+}
+
 /// `gate[i] = silu(gate[i]) * up[i]`.
 pub fn swiglu(gate: &mut [f32], up: &[f32], scratch: &mut Vec<f32>) {
     scratch.clear();
@@ -146,30 +172,41 @@ mod simd {
         _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
     }
 
-    /// The query stays in registers; four keys at a time keep four
-    /// independent sums in flight.
+    /// Sums of each of eight vectors, as one vector (a transposed reduction:
+    /// seven instructions instead of eight horizontal sums).
+    #[inline(always)]
+    unsafe fn sums8(a: &[__m256; 8]) -> __m256 {
+        let t0 = _mm256_hadd_ps(a[0], a[1]);
+        let t1 = _mm256_hadd_ps(a[2], a[3]);
+        let t2 = _mm256_hadd_ps(a[4], a[5]);
+        let t3 = _mm256_hadd_ps(a[6], a[7]);
+        let u0 = _mm256_hadd_ps(t0, t1);
+        let u1 = _mm256_hadd_ps(t2, t3);
+        _mm256_add_ps(_mm256_permute2f128_ps::<0x20>(u0, u1), _mm256_permute2f128_ps::<0x31>(u0, u1))
+    }
+
+    /// Eight keys at a time: eight independent sums in flight, reduced together.
     pub unsafe fn scores<const CH: usize>(q: &[f32], keys: &[u16], scale: f32, scores: &mut [f32]) {
         let hd = CH * 8;
-        let qv: [__m256; CH] = std::array::from_fn(|c| _mm256_loadu_ps(q.as_ptr().add(c * 8)));
-        let k = keys.as_ptr();
+        let (q, k) = (q.as_ptr(), keys.as_ptr());
         let n = scores.len();
+        let scale_v = _mm256_set1_ps(scale);
         let mut j = 0;
-        while j + 4 <= n {
-            let mut acc = [_mm256_setzero_ps(); 4];
+        while j + 8 <= n {
+            let mut acc = [_mm256_setzero_ps(); 8];
             for c in 0..CH {
+                let qc = _mm256_loadu_ps(q.add(c * 8));
                 for (i, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(qv[c], load_f16(k.add((j + i) * hd + c * 8)), *a);
+                    *a = _mm256_fmadd_ps(qc, load_f16(k.add((j + i) * hd + c * 8)), *a);
                 }
             }
-            for (i, a) in acc.iter().enumerate() {
-                scores[j + i] = hsum(*a) * scale;
-            }
-            j += 4;
+            _mm256_storeu_ps(scores.as_mut_ptr().add(j), _mm256_mul_ps(sums8(&acc), scale_v));
+            j += 8;
         }
         while j < n {
             let mut acc = _mm256_setzero_ps();
             for c in 0..CH {
-                acc = _mm256_fmadd_ps(qv[c], load_f16(k.add(j * hd + c * 8)), acc);
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(c * 8)), load_f16(k.add(j * hd + c * 8)), acc);
             }
             scores[j] = hsum(acc) * scale;
             j += 1;
@@ -206,7 +243,7 @@ mod tests {
     #[test]
     fn attention_kernels_match_plain_sums() {
         for hd in [16, 64, 128] {
-            let n = 13;
+            let n = 21;
             let q: Vec<f32> = (0..hd).map(|i| (i as f32 * 0.37).sin()).collect();
             let keys: Vec<u16> = (0..n * hd).map(|i| f16::from_f32((i as f32 * 0.11).cos()).to_bits()).collect();
             let mut scores = vec![0f32; n];

@@ -601,27 +601,27 @@ fn matmul_part(w: &Weight, acts: &Acts, rows: usize, range: std::ops::Range<usiz
     while start < range.end {
         let end = (start + panel).min(range.end);
         let mut r = 0;
-        // Prompt chunks and batches: tiles of 2 weight rows by 4 activation rows.
-        while r + 4 <= rows {
-            let a = [acts.row(act, r), acts.row(act, r + 1), acts.row(act, r + 2), acts.row(act, r + 3)];
+        // Prompt chunks and batches: tiles of 4 weight rows by 2 activation
+        // rows (the shape that keeps every accumulator in a register).
+        while r + 2 <= rows {
+            let a = [acts.row(act, r), acts.row(act, r + 1)];
             let mut o = start;
-            while o + 2 <= end {
-                let d = quant::dot::<2, 4>(w.wt, [w.row(o), w.row(o + 1)], a, w.cols);
+            while o + 4 <= end {
+                let d = quant::dot::<4, 2>(w.wt, [w.row(o), w.row(o + 1), w.row(o + 2), w.row(o + 3)], a, w.cols);
                 for (i, row) in d.iter().enumerate() {
-                    for (j, v) in row.iter().enumerate() {
-                        put(r + j, o + i, *v);
-                    }
+                    put(r, o + i, row[0]);
+                    put(r + 1, o + i, row[1]);
                 }
-                o += 2;
+                o += 4;
             }
             for o in o..end {
-                for (j, v) in quant::dot::<1, 4>(w.wt, [w.row(o)], a, w.cols)[0].iter().enumerate() {
-                    put(r + j, o, *v);
-                }
+                let d = quant::dot::<1, 2>(w.wt, [w.row(o)], a, w.cols)[0];
+                put(r, o, d[0]);
+                put(r + 1, o, d[1]);
             }
-            r += 4;
+            r += 2;
         }
-        // Single rows (decode): 4 weight rows at a time share each activation load.
+        // A single row (decode): 4 weight rows at a time share each activation load.
         for r in r..rows {
             let a = [acts.row(act, r)];
             let mut o = start;
@@ -658,12 +658,7 @@ fn attention(team: &Team, c: &Config, layer: usize, rows: &[Row], cache: &KvCach
             let n = r.pos + 1;
             scores.resize(n, 0.0);
             math::attention_scores(qh, &cache.k[base..base + n * hd], scale, &mut scores);
-            let max = scores.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
-            for s in scores.iter_mut() {
-                *s -= max;
-            }
-            math::exp_in_place(&mut scores);
-            let sum: f32 = scores.iter().sum();
+            let sum = math::softmax_weights(&mut scores);
             // SAFETY: each (row, head) output is written by exactly one thread.
             let o = unsafe { shards.part(i * c.dim + h * hd..i * c.dim + (h + 1) * hd) };
             math::weighted_values(&scores, &cache.v[base..base + n * hd], o);

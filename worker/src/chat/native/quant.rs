@@ -532,6 +532,7 @@ mod tests {
         let a: [&[u8]; 4] = std::array::from_fn(|i| views[i]);
         let four = dot::<1, 4>(wt, [row], a, cols)[0];
         let tile = dot::<2, 4>(wt, [row, row], a, cols);
+        let pairs = dot::<4, 2>(wt, [row, row, row, row], [a[2], a[3]], cols);
         let rows4 = dot::<4, 1>(wt, [row, row, row, row], [a[1]], cols);
         let reference = dot_reference::<4>(wt, row, a, cols);
         for i in 0..4 {
@@ -541,6 +542,9 @@ mod tests {
             }
             if i == 1 {
                 assert!(rows4.iter().all(|r| r[0].to_bits() == one.to_bits()));
+            }
+            if i >= 2 {
+                assert!(pairs.iter().all(|r| r[i - 2].to_bits() == one.to_bits()));
             }
             let candle_dot = W::vec_dot_unopt(cols, &wq, &candle_acts[i]);
             for expected in [reference[i], candle_dot] {
@@ -557,53 +561,5 @@ mod tests {
         check::<BlockQ8_0>(WeightType::Q8_0, 64);
         check::<BlockQ4K>(WeightType::Q4K, 512);
         check::<BlockQ6K>(WeightType::Q6K, 512);
-    }
-}
-#[cfg(test)]
-mod speed {
-    use super::*;
-    #[test]
-    #[ignore]
-    fn kernel_speed() {
-        let cols = 576;
-        let nb = cols / 32;
-        let act = ActType::Q8_1;
-        let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.1).sin()).collect();
-        let mut a = vec![0u64; act.row_bytes(cols).div_ceil(8)];
-        let ab = unsafe { std::slice::from_raw_parts_mut(a.as_mut_ptr() as *mut u8, act.row_bytes(cols)) };
-        quantize_row(act, &x, ab);
-        let ab: &[u8] = ab;
-        for rows in [256usize, 1536, 49152, 300_000] {
-            let rb = nb * 20;
-            let w: Vec<u8> = (0..rows * rb).map(|i| (i * 7 % 251) as u8 & 0x3b).collect();
-            let reps = (200_000_000 / (rows * rb)).max(1);
-            let t = std::time::Instant::now();
-            let mut sink = 0f32;
-            for _ in 0..reps {
-                let mut o = 0;
-                while o + 4 <= rows {
-                    let d = dot::<4, 1>(
-                        WeightType::Q4_1,
-                        [
-                            &w[o * rb..(o + 1) * rb],
-                            &w[(o + 1) * rb..(o + 2) * rb],
-                            &w[(o + 2) * rb..(o + 3) * rb],
-                            &w[(o + 3) * rb..(o + 4) * rb],
-                        ],
-                        [ab],
-                        cols,
-                    );
-                    sink += d[0][0] + d[3][0];
-                    o += 4;
-                }
-            }
-            let secs = t.elapsed().as_secs_f64();
-            let bytes = (reps * rows * rb) as f64;
-            eprintln!(
-                "rows {rows}: {:.2} GB/s, {:.2} ns per block-row ({sink})",
-                bytes / secs / 1e9,
-                secs * 1e9 / (reps * rows * nb) as f64
-            );
-        }
     }
 }

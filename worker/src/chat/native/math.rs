@@ -73,10 +73,10 @@ unsafe fn avx2_exp(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
     _mm256_mul_ps(y, _mm256_castsi256_ps(pow2))
 }
 
-/// Turns scores into unnormalized softmax weights in place and returns their
-/// sum: `x[i] = exp(x[i] - max)`. Eight lanes of maximum and sum, so long
-/// contexts are not held up by a chain of scalar dependencies.
-pub fn softmax_weights(x: &mut [f32]) -> f32 {
+/// Turns scores into unnormalized softmax weights in place and returns the
+/// maximum and their sum: `x[i] = exp(x[i] - max)`. Eight lanes of maximum and
+/// sum, so long contexts are not held up by a chain of scalar dependencies.
+pub fn softmax_weights(x: &mut [f32]) -> (f32, f32) {
     let mut lanes = [f32::NEG_INFINITY; 8];
     let mut chunks = x.chunks_exact(8);
     for chunk in &mut chunks {
@@ -96,7 +96,7 @@ pub fn softmax_weights(x: &mut [f32]) -> f32 {
             *s += v;
         }
     }
-    sums.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+    (max, sums.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>())
 }
 
 /// `gate[i] = silu(gate[i]) * up[i]`.
@@ -109,49 +109,83 @@ pub fn swiglu(gate: &mut [f32], up: &[f32], scratch: &mut Vec<f32>) {
     }
 }
 
-/// `scores[j] = (q · k_j) * scale` for the keys stored one after another as f16
-/// bits, `q.len()` values each (16, 32, 64 or 128).
-pub fn attention_scores(q: &[f32], keys: &[u16], scale: f32, scores: &mut [f32]) {
-    let hd = q.len();
-    assert!(keys.len() >= scores.len() * hd);
+/// Attention scores of `heads` query heads that share one KV head (grouped-
+/// query attention): `scores[s * n + j] = (q_s · k_j) * scale` for the `n` keys
+/// stored one after another as f16 bits. `q` holds the heads one after another,
+/// `head_dim` values each (16, 32, 64 or 128). Each key is widened once for all
+/// the heads.
+pub fn grouped_scores(q: &[f32], heads: usize, keys: &[u16], scale: f32, scores: &mut [f32]) {
+    let hd = q.len() / heads;
+    let n = scores.len() / heads;
+    assert!(keys.len() >= n * hd && scores.len() == n * heads);
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "f16c", target_feature = "fma"))]
     // SAFETY: the build enables AVX2/F16C/FMA; lengths were checked above.
     unsafe {
-        match hd {
-            16 => return simd::scores::<2>(q, keys, scale, scores),
-            32 => return simd::scores::<4>(q, keys, scale, scores),
-            64 => return simd::scores::<8>(q, keys, scale, scores),
-            128 => return simd::scores::<16>(q, keys, scale, scores),
+        match (hd, heads) {
+            (16, 1) => return simd::scores::<2, 1>(q, keys, scale, scores),
+            (16, 2) => return simd::scores::<2, 2>(q, keys, scale, scores),
+            (16, 3) => return simd::scores::<2, 3>(q, keys, scale, scores),
+            (32, 1) => return simd::scores::<4, 1>(q, keys, scale, scores),
+            (32, 2) => return simd::scores::<4, 2>(q, keys, scale, scores),
+            (32, 3) => return simd::scores::<4, 3>(q, keys, scale, scores),
+            (64, 1) => return simd::scores::<8, 1>(q, keys, scale, scores),
+            (64, 2) => return simd::scores::<8, 2>(q, keys, scale, scores),
+            (64, 3) => return simd::scores::<8, 3>(q, keys, scale, scores),
+            (128, 1) => return simd::scores::<16, 1>(q, keys, scale, scores),
             _ => {}
         }
     }
-    for (j, s) in scores.iter_mut().enumerate() {
-        let k = &keys[j * hd..(j + 1) * hd];
-        *s = q.iter().zip(k).map(|(a, b)| a * f16::from_bits(*b).to_f32()).sum::<f32>() * scale;
+    for s in 0..heads {
+        let qs = &q[s * hd..(s + 1) * hd];
+        for j in 0..n {
+            let k = &keys[j * hd..(j + 1) * hd];
+            scores[s * n + j] = qs.iter().zip(k).map(|(a, b)| a * f16::from_bits(*b).to_f32()).sum::<f32>() * scale;
+        }
     }
 }
 
-/// `out = Σ_j weights[j] * v_j` for the values stored one after another as f16
-/// bits, `out.len()` values each.
-pub fn weighted_values(weights: &[f32], values: &[u16], out: &mut [f32]) {
-    let hd = out.len();
-    assert!(values.len() >= weights.len() * hd);
+/// `out[s] = Σ_j weights[s * n + j] * v_j` for `heads` heads sharing the `n`
+/// values stored one after another as f16 bits; `out` holds the heads one after
+/// another.
+pub fn grouped_values(weights: &[f32], heads: usize, values: &[u16], out: &mut [f32]) {
+    let hd = out.len() / heads;
+    let n = weights.len() / heads;
+    assert!(values.len() >= n * hd && weights.len() == n * heads);
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "f16c", target_feature = "fma"))]
     // SAFETY: as above.
     unsafe {
-        match hd {
-            16 => return simd::values::<2>(weights, values, out),
-            32 => return simd::values::<4>(weights, values, out),
-            64 => return simd::values::<8>(weights, values, out),
-            128 => return simd::values::<16>(weights, values, out),
+        match (hd, heads) {
+            (16, 1) => return simd::values::<1, 1>(weights, values, out),
+            (16, 2) => return simd::values::<1, 2>(weights, values, out),
+            (16, 3) => return simd::values::<1, 3>(weights, values, out),
+            (32, 1) => return simd::values::<2, 1>(weights, values, out),
+            (32, 2) => return simd::values::<2, 2>(weights, values, out),
+            (32, 3) => return simd::values::<2, 3>(weights, values, out),
+            (64, 1) => return simd::values::<4, 1>(weights, values, out),
+            (64, 2) => return simd::values::<4, 2>(weights, values, out),
+            (64, 3) => return simd::values::<4, 3>(weights, values, out),
+            (128, 1) => return simd::values::<8, 1>(weights, values, out),
             _ => {}
         }
     }
     out.fill(0.0);
-    for (j, w) in weights.iter().enumerate() {
-        for (o, v) in out.iter_mut().zip(&values[j * hd..(j + 1) * hd]) {
-            *o = w.mul_add(f16::from_bits(*v).to_f32(), *o);
+    for s in 0..heads {
+        for j in 0..n {
+            let w = weights[s * n + j];
+            for (o, v) in out[s * hd..(s + 1) * hd].iter_mut().zip(&values[j * hd..(j + 1) * hd]) {
+                *o = w.mul_add(f16::from_bits(*v).to_f32(), *o);
+            }
         }
+    }
+}
+
+/// Query heads [`grouped_scores`] and [`grouped_values`] take at once for a
+/// head size: as many as keep their sums in registers.
+pub fn heads_at_once(head_dim: usize) -> usize {
+    if head_dim <= 64 {
+        3
+    } else {
+        1
     }
 }
 
@@ -172,60 +206,71 @@ mod simd {
         _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
     }
 
-    /// Sums of each of eight vectors, as one vector (a transposed reduction:
-    /// seven instructions instead of eight horizontal sums).
+    /// The sums of four vectors, as four floats.
     #[inline(always)]
-    unsafe fn sums8(a: &[__m256; 8]) -> __m256 {
-        let t0 = _mm256_hadd_ps(a[0], a[1]);
-        let t1 = _mm256_hadd_ps(a[2], a[3]);
-        let t2 = _mm256_hadd_ps(a[4], a[5]);
-        let t3 = _mm256_hadd_ps(a[6], a[7]);
-        let u0 = _mm256_hadd_ps(t0, t1);
-        let u1 = _mm256_hadd_ps(t2, t3);
-        _mm256_add_ps(_mm256_permute2f128_ps::<0x20>(u0, u1), _mm256_permute2f128_ps::<0x31>(u0, u1))
+    unsafe fn sums4(a: &[__m256; 4]) -> __m128 {
+        let u = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+        _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps::<1>(u))
     }
 
-    /// Eight keys at a time: eight independent sums in flight, reduced together.
-    pub unsafe fn scores<const CH: usize>(q: &[f32], keys: &[u16], scale: f32, scores: &mut [f32]) {
+    /// Four keys at a time, each widened once and multiplied into the sums of
+    /// all `S` heads (4·S sums in flight).
+    pub unsafe fn scores<const CH: usize, const S: usize>(q: &[f32], keys: &[u16], scale: f32, scores: &mut [f32]) {
         let hd = CH * 8;
         let (q, k) = (q.as_ptr(), keys.as_ptr());
-        let n = scores.len();
-        let scale_v = _mm256_set1_ps(scale);
+        let n = scores.len() / S;
+        let out = scores.as_mut_ptr();
+        let scale4 = _mm_set1_ps(scale);
         let mut j = 0;
-        while j + 8 <= n {
-            let mut acc = [_mm256_setzero_ps(); 8];
+        while j + 4 <= n {
+            let mut acc = [[_mm256_setzero_ps(); 4]; S];
             for c in 0..CH {
-                let qc = _mm256_loadu_ps(q.add(c * 8));
-                for (i, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(qc, load_f16(k.add((j + i) * hd + c * 8)), *a);
+                for i in 0..4 {
+                    let kv = load_f16(k.add((j + i) * hd + c * 8));
+                    for s in 0..S {
+                        acc[s][i] = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(s * hd + c * 8)), kv, acc[s][i]);
+                    }
                 }
             }
-            _mm256_storeu_ps(scores.as_mut_ptr().add(j), _mm256_mul_ps(sums8(&acc), scale_v));
-            j += 8;
+            for (s, a) in acc.iter().enumerate() {
+                _mm_storeu_ps(out.add(s * n + j), _mm_mul_ps(sums4(a), scale4));
+            }
+            j += 4;
         }
         while j < n {
-            let mut acc = _mm256_setzero_ps();
-            for c in 0..CH {
-                acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(c * 8)), load_f16(k.add(j * hd + c * 8)), acc);
+            for s in 0..S {
+                let mut acc = _mm256_setzero_ps();
+                for c in 0..CH {
+                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(s * hd + c * 8)), load_f16(k.add(j * hd + c * 8)), acc);
+                }
+                *out.add(s * n + j) = hsum(acc) * scale;
             }
-            scores[j] = hsum(acc) * scale;
             j += 1;
         }
     }
 
-    /// The output stays in registers across all keys.
-    pub unsafe fn values<const CH: usize>(weights: &[f32], values: &[u16], out: &mut [f32]) {
-        let hd = CH * 8;
-        let v = values.as_ptr();
-        let mut acc = [_mm256_setzero_ps(); CH];
-        for (j, w) in weights.iter().enumerate() {
-            let wv = _mm256_set1_ps(*w);
-            for (c, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(wv, load_f16(v.add(j * hd + c * 8)), *a);
+    /// Half a head's values at a time (`HALF` groups of 8), so the sums of all
+    /// `S` heads stay in registers; each value is widened once for all heads.
+    pub unsafe fn values<const HALF: usize, const S: usize>(weights: &[f32], values: &[u16], out: &mut [f32]) {
+        let hd = HALF * 16;
+        let n = weights.len() / S;
+        let (w, v) = (weights.as_ptr(), values.as_ptr());
+        for half in 0..2 {
+            let mut acc = [[_mm256_setzero_ps(); HALF]; S];
+            for j in 0..n {
+                let ws: [__m256; S] = std::array::from_fn(|s| _mm256_broadcast_ss(&*w.add(s * n + j)));
+                for c in 0..HALF {
+                    let vv = load_f16(v.add(j * hd + (half * HALF + c) * 8));
+                    for s in 0..S {
+                        acc[s][c] = _mm256_fmadd_ps(ws[s], vv, acc[s][c]);
+                    }
+                }
             }
-        }
-        for (c, a) in acc.iter().enumerate() {
-            _mm256_storeu_ps(out.as_mut_ptr().add(c * 8), *a);
+            for (s, a) in acc.iter().enumerate() {
+                for (c, x) in a.iter().enumerate() {
+                    _mm256_storeu_ps(out.as_mut_ptr().add(s * hd + (half * HALF + c) * 8), *x);
+                }
+            }
         }
     }
 }
@@ -242,23 +287,25 @@ mod tests {
 
     #[test]
     fn attention_kernels_match_plain_sums() {
-        for hd in [16, 64, 128] {
+        for (hd, heads) in [(16, 3), (64, 1), (64, 2), (64, 3), (128, 1), (48, 2)] {
             let n = 21;
-            let q: Vec<f32> = (0..hd).map(|i| (i as f32 * 0.37).sin()).collect();
-            let keys: Vec<u16> = (0..n * hd).map(|i| f16::from_f32((i as f32 * 0.11).cos()).to_bits()).collect();
-            let mut scores = vec![0f32; n];
-            attention_scores(&q, &keys, 0.5, &mut scores);
-            let weights: Vec<f32> = (0..n).map(|j| 1.0 / (j as f32 + 1.0)).collect();
-            let mut out = vec![0f32; hd];
-            weighted_values(&weights, &keys, &mut out);
-            for j in 0..n {
-                let k = |i: usize| f16::from_bits(keys[j * hd + i]).to_f32();
-                let expected: f32 = (0..hd).map(|i| q[i] * k(i)).sum::<f32>() * 0.5;
-                assert!((scores[j] - expected).abs() < 1e-4, "hd {hd} key {j}");
-            }
-            for i in 0..hd {
-                let expected: f32 = (0..n).map(|j| weights[j] * f16::from_bits(keys[j * hd + i]).to_f32()).sum();
-                assert!((out[i] - expected).abs() < 1e-4, "hd {hd} value {i}");
+            let q: Vec<f32> = (0..hd * heads).map(|i| (i as f32 * 0.37).sin()).collect();
+            let bits: Vec<u16> = (0..n * hd).map(|i| f16::from_f32((i as f32 * 0.11).cos()).to_bits()).collect();
+            let k = |j: usize, i: usize| f16::from_bits(bits[j * hd + i]).to_f32();
+            let mut scores = vec![0f32; n * heads];
+            grouped_scores(&q, heads, &bits, 0.5, &mut scores);
+            let weights: Vec<f32> = (0..n * heads).map(|j| 1.0 / (j as f32 + 1.0)).collect();
+            let mut out = vec![0f32; hd * heads];
+            grouped_values(&weights, heads, &bits, &mut out);
+            for s in 0..heads {
+                for j in 0..n {
+                    let expected: f32 = (0..hd).map(|i| q[s * hd + i] * k(j, i)).sum::<f32>() * 0.5;
+                    assert!((scores[s * n + j] - expected).abs() < 1e-4, "hd {hd} head {s} key {j}");
+                }
+                for i in 0..hd {
+                    let expected: f32 = (0..n).map(|j| weights[s * n + j] * k(j, i)).sum();
+                    assert!((out[s * hd + i] - expected).abs() < 1e-4, "hd {hd} head {s} value {i}");
+                }
             }
         }
     }

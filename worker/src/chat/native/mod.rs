@@ -194,6 +194,7 @@ struct Scratch {
     up: Vec<f32>,
     cos: Vec<f32>,
     sin: Vec<f32>,
+    partials: Vec<f32>,
     acts: [Vec<u64>; 4],
 }
 
@@ -465,7 +466,7 @@ impl NativeModel {
                     math::to_f16_bits(&v[h * c.head_dim..(h + 1) * c.head_dim], &mut cache.v[at..at + c.head_dim]);
                 }
             }
-            attention(team, &c, l, rows, cache, &s.q[..n * c.dim], &mut s.attn[..n * c.dim]);
+            attention(team, &c, l, rows, cache, &s.q[..n * c.dim], &mut s.partials, &mut s.attn[..n * c.dim]);
             let acts = quantize(team, &mut s.acts, &s.attn[..n * c.dim], c.dim, &[&layer.wo]);
             matmul(team, &acts, n, &mut [(&layer.wo, &mut s.tmp[..n * c.dim])]);
             add(&mut s.x[..n * c.dim], &s.tmp[..n * c.dim]);
@@ -640,32 +641,101 @@ fn matmul_part(w: &Weight, acts: &Acts, rows: usize, range: std::ops::Range<usiz
     }
 }
 
-/// Causal attention of each row over its own sequence's cached positions,
-/// split over the team by (row, head).
-fn attention(team: &Team, c: &Config, layer: usize, rows: &[Row], cache: &KvCache, q: &[f32], out: &mut [f32]) {
+/// Keys per attention work item: a row's keys are split into chunks at fixed
+/// positions, so the work spreads over the threads at any context length, and
+/// the result of a row never depends on what else is in the step.
+const ATTENTION_CHUNK: usize = 256;
+
+/// Causal attention of each row over its own sequence's cached positions.
+///
+/// Work items are (row, KV head, chunk of keys): each reads its chunk of f16
+/// keys and values once for up to three of the query heads sharing that KV head
+/// (grouped-query attention), and leaves per-head partial softmax sums that are
+/// merged in chunk order afterwards.
+fn attention(
+    team: &Team,
+    c: &Config,
+    layer: usize,
+    rows: &[Row],
+    cache: &KvCache,
+    q: &[f32],
+    partials: &mut Vec<f32>,
+    out: &mut [f32],
+) {
     let hd = c.head_dim;
     let group = c.heads / c.kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
-    let items = rows.len() * c.heads;
-    let shards = Shards::new(out);
+    let chunks = rows.iter().map(|r| r.pos / ATTENTION_CHUNK + 1).max().unwrap_or(1);
+    // Per (row, head, chunk): max, sum, then the weighted values.
+    let stride = hd + 2;
+    let len = rows.len() * c.heads * chunks * stride;
+    if partials.len() < len {
+        partials.resize(len, 0.0);
+    }
+    let items: Vec<(usize, usize, usize)> = rows
+        .iter()
+        .enumerate()
+        .flat_map(|(i, r)| (0..c.kv_heads).flat_map(move |g| (0..=r.pos / ATTENTION_CHUNK).map(move |ch| (i, g, ch))))
+        .collect();
+    let at_once = math::heads_at_once(hd);
+    let shards = Shards::new(&mut partials[..len]);
     team.run(&|id| {
-        let mut scores = Vec::new();
-        for item in share(items, id, team.size(), 1) {
-            let (i, h) = (item / c.heads, item % c.heads);
+        let mut scores = Vec::with_capacity(at_once * ATTENTION_CHUNK);
+        let mut sums = vec![0f32; at_once * hd];
+        for &(i, g, ch) in &items[share(items.len(), id, team.size(), 1)] {
             let r = rows[i];
-            let qh = &q[i * c.dim + h * hd..i * c.dim + (h + 1) * hd];
-            let base = cache.offset(r.slot, layer, h / group, 0);
-            let n = r.pos + 1;
-            scores.resize(n, 0.0);
-            math::attention_scores(qh, &cache.k[base..base + n * hd], scale, &mut scores);
-            let sum = math::softmax_weights(&mut scores);
-            // SAFETY: each (row, head) output is written by exactly one thread.
-            let o = unsafe { shards.part(i * c.dim + h * hd..i * c.dim + (h + 1) * hd) };
-            math::weighted_values(&scores, &cache.v[base..base + n * hd], o);
-            let inv = 1.0 / sum;
+            let first = ch * ATTENTION_CHUNK;
+            let n = (r.pos + 1 - first).min(ATTENTION_CHUNK);
+            let base = cache.offset(r.slot, layer, g, first);
+            let (keys, values) = (&cache.k[base..base + n * hd], &cache.v[base..base + n * hd]);
+            let mut h = g * group;
+            while h < (g + 1) * group {
+                let heads = at_once.min((g + 1) * group - h);
+                scores.resize(heads * n, 0.0);
+                math::grouped_scores(
+                    &q[i * c.dim + h * hd..i * c.dim + (h + heads) * hd],
+                    heads,
+                    keys,
+                    scale,
+                    &mut scores,
+                );
+                let mut stats = [(0f32, 0f32); 3];
+                for (s, st) in stats.iter_mut().enumerate().take(heads) {
+                    *st = math::softmax_weights(&mut scores[s * n..(s + 1) * n]);
+                }
+                math::grouped_values(&scores, heads, values, &mut sums[..heads * hd]);
+                for s in 0..heads {
+                    let at = ((i * c.heads + h + s) * chunks + ch) * stride;
+                    // SAFETY: each (row, head, chunk) partial is written by one thread.
+                    let part = unsafe { shards.part(at..at + stride) };
+                    part[0] = stats[s].0;
+                    part[1] = stats[s].1;
+                    part[2..].copy_from_slice(&sums[s * hd..(s + 1) * hd]);
+                }
+                h += heads;
+            }
+        }
+    });
+    for (i, r) in rows.iter().enumerate() {
+        let used = r.pos / ATTENTION_CHUNK + 1;
+        for h in 0..c.heads {
+            let part = |ch: usize| &partials[((i * c.heads + h) * chunks + ch) * stride..][..stride];
+            let max = (0..used).fold(f32::NEG_INFINITY, |m, ch| m.max(part(ch)[0]));
+            let o = &mut out[i * c.dim + h * hd..i * c.dim + (h + 1) * hd];
+            o.fill(0.0);
+            let mut total = 0.0;
+            for ch in 0..used {
+                let p = part(ch);
+                let weight = (p[0] - max).exp();
+                total += p[1] * weight;
+                for (v, a) in o.iter_mut().zip(&p[2..]) {
+                    *v += a * weight;
+                }
+            }
+            let inv = 1.0 / total;
             for v in o.iter_mut() {
                 *v *= inv;
             }
         }
-    });
+    }
 }

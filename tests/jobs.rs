@@ -108,9 +108,17 @@ async fn cancel_stops_a_running_job_within_a_step_and_drops_a_queued_one() {
     let jobs = stack.job_client().await;
     let long = SamplingParams { temperature: 0.8, seed: 11, max_tokens: 2000, ..Default::default() };
     let running = chat_job(REAL_MODEL, "Write a very long story about a dragon and a knight.", long.clone());
+    // The test worker batches CHAT_BATCH conversations; these fill the other
+    // slots, so the last job really waits in the queue.
+    let fillers: Vec<_> = (1..common::CHAT_BATCH)
+        .map(|i| chat_job(REAL_MODEL, &format!("Tell story number {i}."), long.clone()))
+        .collect();
     let queued = chat_job(REAL_MODEL, "Write a poem.", long);
     let mut running_updates = Box::pin(jobs.chat_updates(running.id).await.unwrap());
     jobs.submit(&running).await.unwrap();
+    for job in &fillers {
+        jobs.submit(job).await.unwrap();
+    }
     jobs.submit(&queued).await.unwrap();
 
     // Wait for a few tokens of the first job, then cancel the queued one and it.
@@ -133,12 +141,17 @@ async fn cancel_stops_a_running_job_within_a_step_and_drops_a_queued_one() {
             other => panic!("unexpected {other:?}"),
         }
     }
-    assert!(cancelled_at.elapsed() < Duration::from_secs(5));
-    // Tokens already generated and in flight may still arrive; generation itself
-    // stops at the next step (the engine test pins that down exactly).
-    assert!(after_cancel <= 10, "stopped promptly, not {after_cancel} tokens later");
+    let stopped_in = cancelled_at.elapsed();
+    assert!(stopped_in < Duration::from_secs(5), "{stopped_in:?}");
+    // Tokens already generated and in flight may still arrive (the cancel
+    // crosses NATS twice); generation itself stops at the next step (the
+    // engine test pins that down exactly).
+    assert!(after_cancel <= 40, "stopped promptly, not {after_cancel} tokens later ({stopped_in:?})");
 
     // The queued job is dropped when fetched: cancelled without ever being accepted.
+    for job in &fillers {
+        jobs.cancel(job.id).await.unwrap();
+    }
     let updates: Vec<ChatUpdate> = futures::StreamExt::collect(jobs.chat_updates(queued.id).await.unwrap()).await;
     assert_eq!(updates, [ChatUpdate::Cancelled]);
 }

@@ -20,6 +20,9 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Chat conversations a test worker serves at once.
+pub const CHAT_BATCH: usize = 4;
+
 /// Where the real models are: `NATTER_MODELS_DIR`, else `./models`.
 pub fn models_dir() -> PathBuf {
     std::env::var_os("NATTER_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("models"))
@@ -79,7 +82,7 @@ impl InProcessWorker {
             models_dir: models_dir.to_path_buf(),
             serve: models.iter().map(|m| m.to_string()).collect(),
             max_context: 2048,
-            chat_batch: 4,
+            chat_batch: CHAT_BATCH,
             max_input_bytes: 100 << 20,
             max_audio_seconds: 3600.0,
             max_image_pixels: 50_000_000,

@@ -440,7 +440,7 @@ async fn slash_commands_are_registered_deferred_and_answered() {
         CHANNEL,
         me,
         "chat",
-        json!([{"name": "prompt", "type": 3, "value": "What is the capital of France?"}]),
+        json!([{"name": "prompt", "type": 3, "value": "What is the capital of France? Answer in one sentence."}]),
     );
     fake.wait_for(CHANNEL, Duration::from_secs(120), |t| t.len() > before && t[before].contains("Paris")).await;
     let callbacks = fake.interaction_callbacks(asked);
@@ -587,7 +587,7 @@ async fn rate_limits_are_honoured_and_stop_cancels_a_running_answer() {
     )
     .await;
     let other = 62;
-    fake.dm(21, other, json!({"content": "What is the capital of France?"}));
+    fake.dm(21, other, json!({"content": "What is the capital of France? Answer in one sentence."}));
     fake.wait_for(21, Duration::from_secs(30), |t| t.iter().any(|t| t.contains("Queued: position 1"))).await;
     slash(&fake, CHANNEL, me, "stop", json!([]), "Stopping").await;
     fake.wait_for(CHANNEL, Duration::from_secs(30), |t| t.iter().any(|t| t.ends_with("(stopped)"))).await;
@@ -618,7 +618,7 @@ async fn access_lists_direct_messages_and_the_quota_are_enforced() {
     .await;
 
     // A member with the role is answered; someone with neither role nor listing is not.
-    fake.guild_message(GUILD, CHANNEL, member, &[role], json!({"content": format!("<@{BOT_ID}> What is the capital of France?"), "mentions": [fake_discord::bot_user()]}));
+    fake.guild_message(GUILD, CHANNEL, member, &[role], json!({"content": format!("<@{BOT_ID}> What is the capital of France? Answer in one sentence."), "mentions": [fake_discord::bot_user()]}));
     fake.wait_for(CHANNEL, Duration::from_secs(120), |t| t.iter().any(|t| t.contains("Paris"))).await;
     // Until the answer is complete.
     settle(&fake, Duration::from_secs(3)).await;
@@ -638,7 +638,7 @@ async fn access_lists_direct_messages_and_the_quota_are_enforced() {
         json!({"content": format!("<@{BOT_ID}> Hello?"), "mentions": [fake_discord::bot_user()]}),
     );
     fake.wait_for(CHANNEL, Duration::from_secs(30), |t| t.iter().any(|t| t.contains("requests for today"))).await;
-    fake.dm(23, admin, json!({"content": "What is the capital of Italy?"}));
+    fake.dm(23, admin, json!({"content": "What is the capital of Italy? Answer in one sentence."}));
     fake.wait_for(23, Duration::from_secs(120), |t| t.iter().any(|t| t.contains("Rome"))).await;
     let stats = slash(&fake, CHANNEL, admin, "stats", json!([]), "Users:").await;
     let stats = stats.last().unwrap();

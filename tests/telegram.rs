@@ -166,8 +166,8 @@ async fn two_users_get_their_own_answers_and_a_new_conversation_on_request() {
     let dir = tempfile::tempdir().unwrap();
     let bot = Bot::start(&stack, &fake, &dir.path().join("bot.redb")).await;
 
-    fake.user_says(101, "What is the capital of France?");
-    fake.user_says(202, "What is the capital of Italy?");
+    fake.user_says(101, "What is the capital of France? Answer in one sentence.");
+    fake.user_says(202, "What is the capital of Italy? Answer in one sentence.");
     fake.wait_for(101, Duration::from_secs(120), |t| t.iter().any(|t| t.contains("Paris"))).await;
     fake.wait_for(202, Duration::from_secs(120), |t| t.iter().any(|t| t.contains("Rome"))).await;
     fake.user_says(101, "/new");
@@ -258,7 +258,7 @@ async fn commands_are_registered_and_change_the_users_settings() {
     // Two conversations; /history switches back to the first with a button.
     ask(&fake, me, "/model smollm2-135m-instruct", "Now answering with").await;
     ask(&fake, me, "/system clear", "cleared").await;
-    ask(&fake, me, "What is the capital of France?", "Paris").await;
+    ask(&fake, me, "What is the capital of France? Answer in one sentence.", "Paris").await;
     ask(&fake, me, "/new", "new conversation").await;
     ask(&fake, me, "Name a colour.", "").await;
     settle(&fake, Duration::from_secs(2)).await;
@@ -437,7 +437,7 @@ async fn stop_cancels_a_running_answer() {
     // A second request while one runs is told to wait.
     ask(&fake, me, "And another thing", "still working").await;
     // Someone else's request waits in the queue, and is told so.
-    fake.user_says(62, "What is the capital of France?");
+    fake.user_says(62, "What is the capital of France? Answer in one sentence.");
     fake.wait_for(62, Duration::from_secs(30), |t| t.iter().any(|t| t.contains("Queued: position 1"))).await;
     fake.user_says(me, "/stop");
     fake.wait_for(me, Duration::from_secs(30), |t| t.iter().any(|t| t.ends_with("(stopped)"))).await;
@@ -447,7 +447,7 @@ async fn stop_cancels_a_running_answer() {
     // The queued question is answered in the message that showed the notice.
     fake.wait_for(62, Duration::from_secs(120), |t| t.len() == 1 && t[0].contains("Paris")).await;
     // The user is free to ask again.
-    ask(&fake, me, "What is the capital of France?", "Paris").await;
+    ask(&fake, me, "What is the capital of France? Answer in one sentence.", "Paris").await;
     bot.stop().await;
 }
 
@@ -520,7 +520,8 @@ async fn groups_get_answers_only_when_addressed_and_access_is_enforced() {
 
     // Not addressed: nothing. Mentioned, replied to, or commanded: an answer, quoting the asker.
     fake.group_says(group, 81, "What is the capital of France?", None);
-    let asked = fake.group_says(group, 81, "@natter_test_bot What is the capital of France?", None);
+    let asked =
+        fake.group_says(group, 81, "@natter_test_bot What is the capital of France? Answer in one sentence.", None);
     let texts = fake.wait_for(group, Duration::from_secs(120), |t| t.iter().any(|t| t.contains("Paris"))).await;
     assert_eq!(texts.len(), 1, "{texts:?}");
     settle(&fake, Duration::from_secs(2)).await;
@@ -528,7 +529,7 @@ async fn groups_get_answers_only_when_addressed_and_access_is_enforced() {
         fake.calls().iter().find(|c| c.method == "sendMessage" && c.params["chat_id"] == group).unwrap().params.clone();
     assert_eq!(first["reply_parameters"]["message_id"], asked);
     let answer_id = fake.message_ids(group)[0];
-    fake.group_says(group, 82, "What is the capital of Italy?", Some(answer_id));
+    fake.group_says(group, 82, "What is the capital of Italy? Answer in one sentence.", Some(answer_id));
     fake.wait_for(group, Duration::from_secs(120), |t| t.iter().any(|t| t.contains("Rome"))).await;
     fake.group_says(group, 81, "/new@some_other_bot", None);
     fake.group_says(group, 81, "/new@natter_test_bot", None);

@@ -555,7 +555,7 @@ async fn wait_until(check: impl Fn() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limits_are_honoured_and_stop_cancels_a_running_answer() {
-    let stack = Stack::start(&[REAL_MODEL]).await;
+    let stack = Stack::start_with_batch(&[REAL_MODEL], 1).await;
     let fake = FakeDiscord::start().await;
     let dir = tempfile::tempdir().unwrap();
     let bot = Bot::start(&stack, &fake, &dir.path().join("bot.redb")).await;

@@ -424,7 +424,7 @@ async fn ask_for_a_long_answer(fake: &FakeTelegram, chat: i64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_cancels_a_running_answer() {
-    let stack = Stack::start(&[REAL_MODEL]).await;
+    let stack = Stack::start_with_batch(&[REAL_MODEL], 1).await;
     let fake = FakeTelegram::start().await;
     let dir = tempfile::tempdir().unwrap();
     let bot = Bot::start(&stack, &fake, &dir.path().join("bot.redb")).await;

@@ -75,6 +75,19 @@ impl InProcessWorker {
         name: &str,
         js: JetStreamSettings,
     ) -> Self {
+        Self::start_with_batch(nats, catalog, models_dir, models, name, js, CHAT_BATCH).await
+    }
+
+    /// A worker serving `chat_batch` chat conversations at once per model.
+    pub async fn start_with_batch(
+        nats: &NatsServer,
+        catalog: Catalog,
+        models_dir: &Path,
+        models: &[&str],
+        name: &str,
+        js: JetStreamSettings,
+        chat_batch: usize,
+    ) -> Self {
         let config = natter_worker::WorkerConfig {
             nats_url: nats.url(),
             jetstream: js,
@@ -82,7 +95,7 @@ impl InProcessWorker {
             models_dir: models_dir.to_path_buf(),
             serve: models.iter().map(|m| m.to_string()).collect(),
             max_context: 2048,
-            chat_batch: CHAT_BATCH,
+            chat_batch,
             max_input_bytes: 100 << 20,
             max_audio_seconds: 3600.0,
             max_image_pixels: 50_000_000,
@@ -156,11 +169,25 @@ pub struct Stack {
 
 impl Stack {
     pub async fn start(models: &[&str]) -> Stack {
+        Self::start_with_batch(models, CHAT_BATCH).await
+    }
+
+    /// A stack whose worker serves `chat_batch` chat conversations at once (1
+    /// makes a second user's request wait in the queue, as on a busy fleet).
+    pub async fn start_with_batch(models: &[&str], chat_batch: usize) -> Stack {
         let nats = NatsServer::start();
         let dir = tempfile::tempdir().unwrap();
         let catalog = catalog_with_tiny(dir.path());
-        let worker =
-            InProcessWorker::start(&nats, catalog.clone(), &models_dir(), models, "w-test", settings(30.0, 3)).await;
+        let worker = InProcessWorker::start_with_batch(
+            &nats,
+            catalog.clone(),
+            &models_dir(),
+            models,
+            "w-test",
+            settings(30.0, 3),
+            chat_batch,
+        )
+        .await;
         let (url, stop) = start_http(&nats, catalog).await;
         Stack { nats, url, http: reqwest::Client::new(), _worker: worker, _front_end: stop, _dir: dir }
     }

@@ -191,15 +191,8 @@ pub fn heads_at_once(head_dim: usize) -> usize {
 
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "f16c", target_feature = "fma"))]
 mod simd {
+    use super::super::quant::avx2::hsum;
     use std::arch::x86_64::*;
-
-    #[inline(always)]
-    unsafe fn hsum(x: __m256) -> f32 {
-        let r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
-        let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-        let r = _mm_add_ss(r, _mm_movehdup_ps(r));
-        _mm_cvtss_f32(r)
-    }
 
     #[inline(always)]
     unsafe fn load_f16(p: *const u16) -> __m256 {

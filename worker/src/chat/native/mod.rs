@@ -404,7 +404,7 @@ impl NativeModel {
     /// Runs one step over `rows`, writing their keys and values into `cache`,
     /// and returns the logits of the rows that asked for them, in order.
     pub fn forward(&mut self, rows: &[Row], cache: &mut KvCache, logits: &mut Vec<f32>) {
-        let c = self.config.clone();
+        let c = &self.config;
         let n = rows.len();
         for r in rows {
             assert!(r.slot < cache.slots && r.pos < cache.window, "row outside the KV cache: {r:?}");
@@ -466,7 +466,7 @@ impl NativeModel {
                     math::to_f16_bits(&v[h * c.head_dim..(h + 1) * c.head_dim], &mut cache.v[at..at + c.head_dim]);
                 }
             }
-            attention(team, &c, l, rows, cache, &s.q[..n * c.dim], &mut s.partials, &mut s.attn[..n * c.dim]);
+            attention(team, c, l, rows, cache, &s.q[..n * c.dim], &mut s.partials, &mut s.attn[..n * c.dim]);
             let acts = quantize(team, &mut s.acts, &s.attn[..n * c.dim], c.dim, &[&layer.wo]);
             matmul(team, &acts, n, &mut [(&layer.wo, &mut s.tmp[..n * c.dim])]);
             add(&mut s.x[..n * c.dim], &s.tmp[..n * c.dim]);

@@ -312,7 +312,7 @@ pub fn dot_reference<const M: usize>(wt: WeightType, w: &[u8], a: [&[u8]; M], co
 }
 
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
-mod avx2 {
+pub(super) mod avx2 {
     use std::arch::x86_64::*;
 
     // The weight type, as a const parameter so each kernel compiles straight.
@@ -350,8 +350,9 @@ mod avx2 {
         unsigned_dot(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x))
     }
 
+    /// The sum of a vector's eight lanes.
     #[inline(always)]
-    unsafe fn hsum(x: __m256) -> f32 {
+    pub(in crate::chat::native) unsafe fn hsum(x: __m256) -> f32 {
         let r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
         let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
         let r = _mm_add_ss(r, _mm_movehdup_ps(r));

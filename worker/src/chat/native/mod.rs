@@ -639,11 +639,16 @@ fn matmul_part(w: &Weight, acts: &Acts, rows: usize, range: std::ops::Range<usiz
         let part = Part { w, acts, out, panel: start..end, limit: range.end };
         // Tile shapes, measured per type (ns per block pair, in cache): a tile
         // decodes each of its weight blocks once for all its activation rows,
-        // which pays most for Q5_0's rebuilt fifth bit (1×8: 1.08, 4×2: 1.51),
-        // while Q4_1 is fastest at 4×2 (1.12) and Q8_0 at 2×4 (0.81).
+        // which pays most for Q5_0's rebuilt fifth bit (1×8: 1.08, 4×2: 1.51)
+        // and the k-quants' unpacked scales (Q4_K 1×8: 0.73, 4×2: 0.95), while
+        // Q4_1 is fastest at 4×2 (1.05) and Q8_0 at 2×4 (0.82).
         let mut r = 0;
         match w.wt {
             WeightType::Q5_0 => r = part.sweep::<1, 8>(r, rows),
+            WeightType::Q4K | WeightType::Q6K => {
+                r = part.sweep::<1, 8>(r, rows);
+                r = part.sweep::<1, 4>(r, rows);
+            }
             WeightType::Q8_0 => r = part.sweep::<2, 4>(r, rows),
             _ => {}
         }

@@ -37,7 +37,9 @@ pub enum ActType {
     Q8_0,
     /// As Q8_0, plus each block's sum times its scale (for Q4_1's offsets).
     Q8_1,
-    /// candle's 256-wide blocks for the k-quants.
+    /// candle's 256-wide blocks for the k-quants, then each block's values
+    /// summed in pairs and times 32 (i16): Q6_K's offset, shared by all weight
+    /// rows instead of recomputed per pair.
     Q8K,
 }
 
@@ -124,7 +126,7 @@ impl ActType {
             ActType::F32 => 4,
             ActType::Q8_0 => 36,
             ActType::Q8_1 => 40,
-            ActType::Q8K => std::mem::size_of::<BlockQ8K>(),
+            ActType::Q8K => std::mem::size_of::<BlockQ8K>() + Q8K_PAIR_SUMS_BYTES,
         }
     }
 
@@ -173,8 +175,27 @@ pub fn quantize_row(act: ActType, x: &[f32], out: &mut [u8]) {
                 }
             }
         }
-        ActType::Q8K => BlockQ8K::from_float(x, q8k_blocks_mut(out)),
+        ActType::Q8K => {
+            let size = std::mem::size_of::<BlockQ8K>();
+            let (q8k, pair_sums) = out.split_at_mut(x.len() / 256 * size);
+            BlockQ8K::from_float(x, q8k_blocks_mut(q8k));
+            for (block, sums) in q8k.chunks_exact(size).zip(pair_sums.chunks_exact_mut(Q8K_PAIR_SUMS_BYTES)) {
+                // The block's quantized values follow its f32 scale.
+                for (pair, sum) in block[4..260].chunks_exact(2).zip(sums.chunks_exact_mut(2)) {
+                    let pair_sum = 32 * (pair[0] as i8 as i16 + pair[1] as i8 as i16);
+                    sum.copy_from_slice(&pair_sum.to_le_bytes());
+                }
+            }
+        }
     }
+}
+
+/// Bytes per Q8K block of the pair sums that follow the blocks in a row.
+const Q8K_PAIR_SUMS_BYTES: usize = 256;
+
+/// The candle blocks at the start of a Q8K activation row.
+fn q8k_blocks(a: &[u8], cols: usize) -> &[BlockQ8K] {
+    blocks::<BlockQ8K>(&a[..cols / 256 * std::mem::size_of::<BlockQ8K>()])
 }
 
 fn q8k_blocks_mut(bytes: &mut [u8]) -> &mut [BlockQ8K] {
@@ -244,6 +265,21 @@ pub fn dequantize_row(wt: WeightType, row: &[u8], out: &mut [f32]) {
 pub fn dot<const R: usize, const M: usize>(wt: WeightType, w: [&[u8]; R], a: [&[u8]; M], cols: usize) -> [[f32; M]; R] {
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
     {
+        if matches!(wt, WeightType::Q4K | WeightType::Q6K) {
+            for row in w.iter() {
+                assert_eq!(row.len(), cols / 256 * wt.block_bytes(), "weight row length");
+            }
+            for row in a.iter() {
+                assert_eq!(row.len(), ActType::Q8K.row_bytes(cols), "activation row length");
+            }
+            // SAFETY: as below.
+            unsafe {
+                return match wt {
+                    WeightType::Q4K => avx2::dot_q4k::<R, M>(w, a, cols / 256),
+                    _ => avx2::dot_q6k::<R, M>(w, a, cols / 256),
+                };
+            }
+        }
         if matches!(wt, WeightType::Q4_1 | WeightType::Q8_0 | WeightType::Q5_0) {
             for row in w.iter() {
                 assert_eq!(row.len(), cols / 32 * wt.block_bytes(), "weight row length");
@@ -303,9 +339,10 @@ pub fn dot_reference<const M: usize>(wt: WeightType, w: &[u8], a: [&[u8]; M], co
                     s as f32 * (half_at(w, nb * 20 + b * 2) * ad(b))
                 })
                 .sum(),
-            // candle's kernels (AVX2 where available) for the k-quants.
-            WeightType::Q4K => BlockQ4K::vec_dot(cols, blocks::<BlockQ4K>(w), blocks::<BlockQ8K>(a)),
-            WeightType::Q6K => BlockQ6K::vec_dot(cols, blocks::<BlockQ6K>(w), blocks::<BlockQ8K>(a)),
+            // candle's kernels (AVX2 where available): the SIMD kernels below
+            // give their results bit for bit.
+            WeightType::Q4K => BlockQ4K::vec_dot(cols, blocks::<BlockQ4K>(w), q8k_blocks(a, cols)),
+            WeightType::Q6K => BlockQ6K::vec_dot(cols, blocks::<BlockQ6K>(w), q8k_blocks(a, cols)),
         };
     }
     out
@@ -463,6 +500,171 @@ pub(super) mod avx2 {
             })
         })
     }
+
+    /// Offsets within candle's blocks (`#[repr(C)]`): BlockQ4K is d, dmin,
+    /// scales[12], qs[128]; BlockQ6K is ql[128], qh[64], scales[16], d; BlockQ8K
+    /// is d (f32), qs[256], bsums[16].
+    const Q4K_BYTES: usize = 144;
+    const Q6K_BYTES: usize = 210;
+    const Q8K_BYTES: usize = 292;
+
+    /// Q4_K rows × Q8K activations. Each weight block's nibbles and scales are
+    /// unpacked once for all `M` activation rows; the per-pair arithmetic is
+    /// candle's AVX2 `vec_dot_q4k_q8k`, operation for operation, so the results
+    /// are the same bits.
+    #[inline(always)]
+    pub unsafe fn dot_q4k<const R: usize, const M: usize>(w: [&[u8]; R], a: [&[u8]; M], nsb: usize) -> [[f32; M]; R] {
+        let (w, a) = (w.map(|r| r.as_ptr()), a.map(|r| r.as_ptr()));
+        let m4 = _mm256_set1_epi8(0xF);
+        let mut acc = [[_mm256_setzero_ps(); M]; R];
+        let mut acc_m = [[_mm_setzero_ps(); M]; R];
+        for sb in 0..nsb {
+            for r in 0..R {
+                let x = w[r].add(sb * Q4K_BYTES);
+                let (dx, dminx) = (half(x), half(x.add(2)));
+                let word = |i: usize| (x.add(4 + 4 * i) as *const u32).read_unaligned();
+                let (u0, u1, u2) = (word(0), word(1), word(2));
+                // The 6-bit scales and mins, unpacked as ggml packs them.
+                let u3 = ((u2 >> 4) & 0x0f0f0f0f) | (((u1 >> 6) & 0x03030303) << 4);
+                let scales_lo = u0 & 0x3f3f3f3f;
+                let scales_hi = (u2 & 0x0f0f0f0f) | (((u0 >> 6) & 0x03030303) << 4);
+                let mins_lo = u1 & 0x3f3f3f3f;
+                let mins_and_scales =
+                    _mm256_cvtepu8_epi16(_mm_set_epi32(u3 as i32, mins_lo as i32, scales_hi as i32, scales_lo as i32));
+                let mins = _mm256_extracti128_si256(mins_and_scales, 1);
+                let sc128 = _mm256_extracti128_si256(mins_and_scales, 0);
+                let scales = _mm256_set_m128i(sc128, sc128);
+                let mut values = [_mm256_setzero_si256(); 8];
+                let mut sub_scales = [_mm256_setzero_si256(); 8];
+                for j in 0..4 {
+                    let bits = _mm256_loadu_si256(x.add(16 + 32 * j) as *const __m256i);
+                    values[2 * j] = _mm256_and_si256(bits, m4);
+                    values[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
+                    sub_scales[2 * j] = _mm256_shuffle_epi8(scales, scale_pair_shuffle(2 * j));
+                    sub_scales[2 * j + 1] = _mm256_shuffle_epi8(scales, scale_pair_shuffle(2 * j + 1));
+                }
+                for m in 0..M {
+                    let y = a[m].add(sb * Q8K_BYTES);
+                    let dy = float(y);
+                    let d = dy * dx;
+                    let dmin = -dy * dminx;
+                    let bsums = _mm256_loadu_si256(y.add(260) as *const __m256i);
+                    let q8s = _mm_hadd_epi16(_mm256_extracti128_si256(bsums, 0), _mm256_extracti128_si256(bsums, 1));
+                    let prod = _mm_madd_epi16(mins, q8s);
+                    acc_m[r][m] = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m[r][m]);
+                    let mut sumi = _mm256_setzero_si256();
+                    for k in 0..8 {
+                        let q8 = _mm256_loadu_si256(y.add(4 + 32 * k) as *const __m256i);
+                        let p = _mm256_madd_epi16(sub_scales[k], _mm256_maddubs_epi16(values[k], q8));
+                        sumi = _mm256_add_epi32(sumi, p);
+                    }
+                    acc[r][m] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc[r][m]);
+                }
+            }
+        }
+        std::array::from_fn(|r| {
+            std::array::from_fn(|m| {
+                let am = acc_m[r][m];
+                let am = _mm_add_ps(am, _mm_movehl_ps(am, am));
+                let am = _mm_add_ss(am, _mm_movehdup_ps(am));
+                hsum(acc[r][m]) + _mm_cvtss_f32(am)
+            })
+        })
+    }
+
+    /// Q6_K rows × Q8K activations, as [`dot_q4k`]: candle's AVX2
+    /// `vec_dot_q6k_q8k` per pair, with the activations' `32 × q` pair sums
+    /// read from the row instead of recomputed.
+    #[inline(always)]
+    pub unsafe fn dot_q6k<const R: usize, const M: usize>(w: [&[u8]; R], a: [&[u8]; M], nsb: usize) -> [[f32; M]; R] {
+        let (w, a) = (w.map(|r| r.as_ptr()), a.map(|r| r.as_ptr()));
+        let (m4, m2) = (_mm256_set1_epi8(0xF), _mm256_set1_epi8(3));
+        let pair_sums_at = nsb * Q8K_BYTES;
+        let mut acc = [[_mm256_setzero_ps(); M]; R];
+        for sb in 0..nsb {
+            for r in 0..R {
+                let x = w[r].add(sb * Q6K_BYTES);
+                let dx = half(x.add(208));
+                let scales = _mm_loadu_si128(x.add(192) as *const __m128i);
+                let mut values = [_mm256_setzero_si256(); 8];
+                let mut sub_scales = [_mm256_setzero_si256(); 8];
+                for j in 0..2 {
+                    let low1 = _mm256_loadu_si256(x.add(64 * j) as *const __m256i);
+                    let low2 = _mm256_loadu_si256(x.add(64 * j + 32) as *const __m256i);
+                    let high = _mm256_loadu_si256(x.add(128 + 32 * j) as *const __m256i);
+                    let top = |shift: i32| {
+                        let bits = match shift {
+                            0 => high,
+                            2 => _mm256_srli_epi16(high, 2),
+                            4 => _mm256_srli_epi16(high, 4),
+                            _ => _mm256_srli_epi16(high, 6),
+                        };
+                        _mm256_slli_epi16(_mm256_and_si256(bits, m2), 4)
+                    };
+                    values[4 * j] = _mm256_or_si256(_mm256_and_si256(low1, m4), top(0));
+                    values[4 * j + 1] = _mm256_or_si256(_mm256_and_si256(low2, m4), top(2));
+                    values[4 * j + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(low1, 4), m4), top(4));
+                    values[4 * j + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(low2, 4), m4), top(6));
+                    for k in 0..4 {
+                        let pair = _mm_shuffle_epi8(scales, scale_shuffle(4 * j + k));
+                        sub_scales[4 * j + k] = _mm256_cvtepi8_epi16(pair);
+                    }
+                }
+                for m in 0..M {
+                    let y = a[m].add(sb * Q8K_BYTES);
+                    let sums = a[m].add(pair_sums_at + sb * super::Q8K_PAIR_SUMS_BYTES);
+                    let d = float(y) * dx;
+                    let mut sumi = _mm256_setzero_si256();
+                    for k in 0..8 {
+                        let q8 = _mm256_loadu_si256(y.add(4 + 32 * k) as *const __m256i);
+                        let offset = _mm256_loadu_si256(sums.add(32 * k) as *const __m256i);
+                        let p = _mm256_sub_epi16(_mm256_maddubs_epi16(values[k], q8), offset);
+                        sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(sub_scales[k], p));
+                    }
+                    acc[r][m] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc[r][m]);
+                }
+            }
+        }
+        std::array::from_fn(|r| std::array::from_fn(|m| hsum(acc[r][m])))
+    }
+
+    /// Q4_K: the i16 scale of sub-block `i` (of 8) in every lane pair.
+    #[inline(always)]
+    unsafe fn scale_pair_shuffle(i: usize) -> __m256i {
+        const TABLE: [[u8; 32]; 8] = {
+            let mut t = [[0u8; 32]; 8];
+            let mut i = 0;
+            while i < 8 {
+                let mut b = 0;
+                while b < 32 {
+                    t[i][b] = (2 * i + b % 2) as u8;
+                    b += 1;
+                }
+                i += 1;
+            }
+            t
+        };
+        _mm256_loadu_si256(TABLE[i].as_ptr() as *const __m256i)
+    }
+
+    /// Q6_K: scale bytes `2i` (eight times) then `2i + 1` (eight times).
+    #[inline(always)]
+    unsafe fn scale_shuffle(i: usize) -> __m128i {
+        const TABLE: [[u8; 16]; 8] = {
+            let mut t = [[0u8; 16]; 8];
+            let mut i = 0;
+            while i < 8 {
+                let mut b = 0;
+                while b < 16 {
+                    t[i][b] = (2 * i + b / 8) as u8;
+                    b += 1;
+                }
+                i += 1;
+            }
+            t
+        };
+        _mm_loadu_si128(TABLE[i].as_ptr() as *const __m128i)
+    }
 }
 
 #[cfg(test)]
@@ -550,6 +752,10 @@ mod tests {
                 assert!(pairs.iter().all(|r| r[i - 2].to_bits() == one.to_bits()));
             }
             let candle_dot = W::vec_dot_unopt(cols, &wq, &candle_acts[i]);
+            if matches!(wt, WeightType::Q4K | WeightType::Q6K) {
+                let candle_simd = W::vec_dot(cols, &wq, &candle_acts[i]);
+                assert_eq!(one.to_bits(), candle_simd.to_bits(), "{wt:?}: {one} vs candle's {candle_simd}");
+            }
             for expected in [reference[i], candle_dot] {
                 assert!((one - expected).abs() <= 1e-4 * expected.abs().max(1.0), "{wt:?}: {one} vs {expected}");
             }

@@ -653,10 +653,19 @@ fn matmul_part(w: &Weight, acts: &Acts, rows: usize, range: std::ops::Range<usiz
             _ => {}
         }
         r = part.sweep::<4, 2>(r, rows);
-        part.sweep::<4, 1>(r, rows);
+        // A decode row: Q4_1's short rows in tiles of 4, other types row by
+        // row, which streams from memory best (measured on Qwen2.5: 42 → 49 tok/s).
+        if w.wt == WeightType::Q4_1 {
+            part.sweep::<4, 1>(r, rows);
+        } else {
+            part.sweep::<1, 1>(r, rows);
+        }
         start = end;
     }
 }
+
+/// How far ahead of the tile in hand the weight rows are prefetched.
+const PREFETCH_BYTES: usize = 2048;
 
 /// One thread's panel of weight rows in a matrix product.
 struct Part<'a> {
@@ -679,14 +688,15 @@ impl Part<'_> {
         while r + M <= rows {
             let a: [&[u8]; M] = std::array::from_fn(|m| self.acts.row(act, r + m));
             // The first pass over a panel streams its rows from memory: each
-            // tile asks for the next tile's bytes while it computes. A tile
-            // reads its rows in many short interleaved runs, which the
-            // hardware prefetchers miss.
+            // tile asks for the bytes of a tile about `PREFETCH_BYTES` ahead
+            // while it computes. A tile reads its rows in many short
+            // interleaved runs, which the hardware prefetchers miss.
             let first_pass = r == 0;
+            let ahead = PREFETCH_BYTES.div_ceil(R * w.row_bytes) * R;
             let mut o = self.panel.start;
             while o + R <= self.panel.end {
-                if first_pass && o + 2 * R <= self.limit {
-                    prefetch(&w.data.bytes()[(o + R) * w.row_bytes..(o + 2 * R) * w.row_bytes]);
+                if first_pass && o + ahead + R <= self.limit {
+                    prefetch(&w.data.bytes()[(o + ahead) * w.row_bytes..(o + ahead + R) * w.row_bytes]);
                 }
                 let d = quant::dot::<R, M>(w.wt, std::array::from_fn(|i| w.row(o + i)), a, w.cols);
                 for (i, row) in d.iter().enumerate() {

@@ -4,6 +4,7 @@
 mod common;
 
 use candle_core::Device;
+use natter_shared::config::KvCacheType;
 use natter_shared::proto::{ChatInput, ChatMessage, JobResult, Role, SamplingParams};
 use natter_worker::chat::native::{KvCache, NativeModel, Row};
 use natter_worker::chat::{model, ChatEngine, ChatOptions};
@@ -77,7 +78,7 @@ fn teacher_forced(path: &PathBuf, prompt: &str) {
     let mut tokens = engine.build_prompt(&user(prompt), 64).unwrap().tokens;
     let (content, _) = model::read_content(path).unwrap();
     let mut native = NativeModel::load(path, &content, 2).unwrap();
-    let mut cache = KvCache::new(&native.config, 1, 4096);
+    let mut cache = KvCache::new(&native.config, 1, 4096, KvCacheType::F16);
     let (mut stock, _) = model::load(path, &Device::Cpu).unwrap();
 
     let whole = stock.forward(&tokens, 0, &Device::Cpu).unwrap().to_vec1::<f32>().unwrap();
@@ -150,4 +151,17 @@ fn qwen_coder_writes_python() {
     let answer = ask(&mut engine, "Write a Python function add(a, b) that returns a + b. Only the code.", 40);
     assert!(answer.contains("def add(a, b)"), "{answer}");
     assert!(answer.contains("return a + b"), "{answer}");
+}
+
+/// The 8-bit KV cache keeps the answers: each model, asked through it, says
+/// what it says with the f16 cache.
+#[test]
+fn the_q8_kv_cache_keeps_the_answers() {
+    let options = ChatOptions { kv_cache: KvCacheType::Q8, ..ChatOptions::new(4096, 1, 2) };
+    let mut smollm = ChatEngine::load(&smollm(), options).unwrap();
+    let answer = ask(&mut smollm, "What is the capital of France? Answer in one sentence.", 32);
+    assert!(answer.contains("Paris"), "{answer}");
+    let mut qwen = ChatEngine::load(&qwen(), options).unwrap();
+    let answer = ask(&mut qwen, "Write a Python function add(a, b) that returns a + b. Only the code.", 40);
+    assert!(answer.contains("def add(a, b)") && answer.contains("return a + b"), "{answer}");
 }

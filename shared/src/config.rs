@@ -142,6 +142,8 @@ pub struct WorkerSection {
     /// Chat conversations one model serves at once through shared forward
     /// passes; KV-cache memory is this many times `max_context` positions.
     pub chat_batch: usize,
+    /// How the chat KV cache stores keys and values.
+    pub kv_cache: KvCacheType,
     /// Largest input file (photo, voice note) a job may carry, in bytes.
     pub max_input_bytes: u64,
     /// Longest audio a speech-to-text job may carry, in seconds.
@@ -149,6 +151,31 @@ pub struct WorkerSection {
     /// Largest image an OCR job may carry, in pixels; checked from the
     /// image's header before any pixel is decoded.
     pub max_image_pixels: u64,
+}
+
+/// How the chat KV cache stores keys and values.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvCacheType {
+    /// Half floats: what the model computed, to 3 significant digits.
+    #[default]
+    F16,
+    /// 8-bit integers with one scale per head and position: half the memory
+    /// and half the bytes read per decoded token at long contexts, at a small
+    /// cost in precision (as llama.cpp's `-ctk q8_0 -ctv q8_0`).
+    Q8,
+}
+
+impl std::str::FromStr for KvCacheType {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "f16" => Ok(KvCacheType::F16),
+            "q8" => Ok(KvCacheType::Q8),
+            other => Err(format!("unknown KV cache type {other:?} (f16 or q8)")),
+        }
+    }
 }
 
 impl Default for WorkerSection {
@@ -159,6 +186,7 @@ impl Default for WorkerSection {
             drain_secs: 20.0,
             max_context: 4096,
             chat_batch: 8,
+            kv_cache: KvCacheType::F16,
             max_input_bytes: 100 * 1024 * 1024,
             max_audio_seconds: 3600.0,
             max_image_pixels: 50_000_000,

@@ -96,6 +96,7 @@ impl InProcessWorker {
             serve: models.iter().map(|m| m.to_string()).collect(),
             max_context: 2048,
             chat_batch,
+            kv_cache: Default::default(),
             max_input_bytes: 100 << 20,
             max_audio_seconds: 3600.0,
             max_image_pixels: 50_000_000,

@@ -4,6 +4,7 @@
 use crate::chat::{ChatEngine, ChatOptions};
 use crate::config::{ConfigLoadError, Loaded};
 use crate::fetch;
+use natter_shared::config::KvCacheType;
 use clap::Args;
 use natter_shared::proto::{ChatInput, ChatMessage, JobKind, Role, SamplingParams};
 
@@ -149,12 +150,13 @@ pub fn run(args: &BenchArgs, loaded: &Loaded) -> Result<(), BenchError> {
     let window =
         (args.prompt_tokens.max(args.depths.iter().copied().max().unwrap_or(0)) + 2 * args.gen_tokens as usize + 64)
             .max(4096);
-    let load = |batch: usize| -> Result<ChatEngine, BenchError> {
-        let mut engine =
-            ChatEngine::load(&path, ChatOptions::new(window, batch, args.threads)).map_err(BenchError::Engine)?;
+    let load_with = |batch: usize, kv_cache: KvCacheType| -> Result<ChatEngine, BenchError> {
+        let options = ChatOptions { kv_cache, ..ChatOptions::new(window, batch, args.threads) };
+        let mut engine = ChatEngine::load(&path, options).map_err(BenchError::Engine)?;
         engine.set_ignore_eos(true);
         Ok(engine)
     };
+    let load = |batch: usize| load_with(batch, KvCacheType::F16);
     let mut engine = load(1)?;
     let engine_name = if engine.is_native() { "native" } else { "candle stock" };
     let request = |engine: &ChatEngine, prompt_tokens: usize, gen: u32| -> Result<ChatInput, BenchError> {
@@ -194,13 +196,21 @@ pub fn run(args: &BenchArgs, loaded: &Loaded) -> Result<(), BenchError> {
     let depths: Vec<usize> = args.depths.iter().copied().filter(|&d| d > 0).collect();
     if !depths.is_empty() {
         println!();
-        println!("| context depth | decode tok/s (32 tokens) |");
-        println!("|---:|---:|");
+        // Both KV cache types, on the same prompts: at long contexts decoding
+        // reads the cache as well as the weights.
+        let mut q8 = engine.is_native().then(|| load_with(1, KvCacheType::Q8)).transpose()?;
+        println!("| context depth | decode tok/s (32 tokens), f16 KV cache | q8 KV cache |");
+        println!("|---:|---:|---:|");
         for depth in depths {
             let input = request(&engine, depth, 32)?;
-            let done =
-                engine.generate(&input, &|| false, &mut |_| {}).map_err(|e| BenchError::Engine(e.to_string()))?;
-            println!("| {} | {:.1} |", done.metrics.prompt_tokens, done.metrics.decode_tokens_per_s.unwrap_or(0.0));
+            let mut decode = |engine: &mut ChatEngine| -> Result<(usize, f64), BenchError> {
+                let done =
+                    engine.generate(&input, &|| false, &mut |_| {}).map_err(|e| BenchError::Engine(e.to_string()))?;
+                Ok((done.metrics.prompt_tokens as usize, done.metrics.decode_tokens_per_s.unwrap_or(0.0)))
+            };
+            let (tokens, f16) = decode(&mut engine)?;
+            let q8 = q8.as_mut().map(&mut decode).transpose()?.map(|(_, rate)| format!("{rate:.1}"));
+            println!("| {tokens} | {f16:.1} | {} |", q8.unwrap_or_else(|| "-".into()));
         }
     }
     drop(engine);

@@ -51,6 +51,9 @@ pub struct RunArgs {
     /// Chat conversations one model serves at once (continuous batching).
     #[arg(long, env = "NATTER_CHAT_BATCH")]
     pub chat_batch: Option<usize>,
+    /// How the chat KV cache stores keys and values: f16 or q8.
+    #[arg(long, env = "NATTER_KV_CACHE")]
+    pub kv_cache: Option<natter_shared::config::KvCacheType>,
     /// Largest photo or audio file a job may carry, in bytes.
     #[arg(long, env = "NATTER_MAX_INPUT_BYTES")]
     pub max_input_bytes: Option<u64>,
@@ -141,6 +144,7 @@ impl RunArgs {
             serve,
             max_context: self.max_context.unwrap_or(file.worker.max_context),
             chat_batch: self.chat_batch.unwrap_or(file.worker.chat_batch).max(1),
+            kv_cache: self.kv_cache.unwrap_or(file.worker.kv_cache),
             max_input_bytes: self.max_input_bytes.unwrap_or(file.worker.max_input_bytes),
             max_audio_seconds: max_audio,
             max_image_pixels: self.max_image_pixels.unwrap_or(file.worker.max_image_pixels),

@@ -66,6 +66,8 @@ pub struct WorkerConfig {
     pub max_context: usize,
     /// Chat conversations one model serves at once (continuous batching).
     pub chat_batch: usize,
+    /// How the chat KV cache stores keys and values.
+    pub kv_cache: natter_shared::config::KvCacheType,
     /// Largest input file a job may carry.
     pub max_input_bytes: u64,
     /// Longest audio a speech-to-text job may carry.
@@ -95,7 +97,10 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> Re
         let max_context = config.max_context;
         let engine = match entry.kind {
             JobKind::Chat => {
-                let options = ChatOptions::new(max_context, config.chat_batch, chat::default_threads());
+                let options = ChatOptions {
+                    kv_cache: config.kv_cache,
+                    ..ChatOptions::new(max_context, config.chat_batch, chat::default_threads())
+                };
                 EngineHandle::spawn_batched(id, move || ChatEngine::load(&path, options)).await
             }
             JobKind::Ner => EngineHandle::spawn(id, move || NerEngine::load(&path)).await,

@@ -18,6 +18,7 @@ use crate::engine::{BatchEngine, Completed, EngineError, JobContext, Reply};
 use candle_core::Device;
 use model::Model;
 use native::{KvCache, NativeModel, Row};
+use natter_shared::config::KvCacheType;
 use natter_shared::proto::{
     ChatInput, ChatMessage, ErrorCode, EventBody, FinishReason, Job, JobInput, JobResult, Metrics, Role,
 };
@@ -41,11 +42,19 @@ pub struct ChatOptions {
     pub step_tokens: usize,
     /// Inference threads.
     pub threads: usize,
+    /// How the KV cache stores keys and values.
+    pub kv_cache: KvCacheType,
 }
 
 impl ChatOptions {
     pub fn new(max_context: usize, batch: usize, threads: usize) -> Self {
-        ChatOptions { max_context, batch: batch.max(1), step_tokens: 256, threads: threads.max(1) }
+        ChatOptions {
+            max_context,
+            batch: batch.max(1),
+            step_tokens: 256,
+            threads: threads.max(1),
+            kv_cache: KvCacheType::F16,
+        }
     }
 }
 
@@ -142,10 +151,11 @@ impl ChatEngine {
         let window = trained.min(options.max_context).max(16);
         let backend = match NativeModel::load(path, &content, options.threads) {
             Ok(native) => {
-                let cache = KvCache::new(&native.config, options.batch, window);
+                let cache = KvCache::new(&native.config, options.batch, window, options.kv_cache);
                 tracing::info!(
                     weights_mb = native.weight_bytes() / 1_000_000,
                     kv_cache_mb = cache.capacity_bytes() / 1_000_000,
+                    kv_cache = ?options.kv_cache,
                     batch = options.batch,
                     window,
                     threads = native.threads(),
@@ -631,7 +641,7 @@ mod tests {
         for path in paths {
             let (content, _) = model::read_content(&path).unwrap();
             let mut native = NativeModel::load(&path, &content, 2).unwrap();
-            let mut cache = KvCache::new(&native.config, 1, 64);
+            let mut cache = KvCache::new(&native.config, 1, 64, KvCacheType::F16);
             let (mut stock, _) = model::load(&path, &Device::Cpu).unwrap();
             for pos in 0..40 {
                 let token = (pos as u32 * 7 + 3) % 250;

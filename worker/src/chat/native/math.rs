@@ -109,29 +109,85 @@ pub fn swiglu(gate: &mut [f32], up: &[f32], scratch: &mut Vec<f32>) {
     }
 }
 
+/// How a KV cache stores one value: f16 bits, or an i8 that a per-position
+/// scale multiplies.
+pub trait KvValue: Copy {
+    fn to_f32(self) -> f32;
+    /// Eight values from `p`, widened.
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "f16c", target_feature = "fma"))]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl KvValue for u16 {
+    fn to_f32(self) -> f32 {
+        f16::from_bits(self).to_f32()
+    }
+
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "f16c", target_feature = "fma"))]
+    #[inline(always)]
+    unsafe fn load8(p: *const u16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+}
+
+impl KvValue for i8 {
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "f16c", target_feature = "fma"))]
+    #[inline(always)]
+    unsafe fn load8(p: *const i8) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
+    }
+}
+
 /// Attention scores of `heads` query heads that share one KV head (grouped-
-/// query attention): `scores[s * n + j] = (q_s · k_j) * scale` for the `n` keys
-/// stored one after another as f16 bits. `q` holds the heads one after another,
-/// `head_dim` values each (16, 32, 64 or 128). Each key is widened once for all
-/// the heads.
-pub fn grouped_scores(q: &[f32], heads: usize, keys: &[u16], scale: f32, scores: &mut [f32]) {
+/// query attention): `scores[s * n + j] = (q_s · k_j) * scale * key_scales[j]`
+/// for the `n` keys stored one after another (`key_scales` is `None` for f16
+/// keys, which need none). `q` holds the heads one after another, `head_dim`
+/// values each (16, 32, 64 or 128). Each key is widened once for all the heads.
+pub fn grouped_scores<T: KvValue>(
+    q: &[f32],
+    heads: usize,
+    keys: &[T],
+    key_scales: Option<&[f32]>,
+    scale: f32,
+    scores: &mut [f32],
+) {
     let hd = q.len() / heads;
     let n = scores.len() / heads;
     assert!(keys.len() >= n * hd && scores.len() == n * heads);
+    assert!(key_scales.is_none_or(|k| k.len() >= n));
+    scores_unscaled(q, heads, keys, scale, scores);
+    if let Some(key_scales) = key_scales {
+        for row in scores.chunks_exact_mut(n) {
+            for (s, k) in row.iter_mut().zip(key_scales) {
+                *s *= k;
+            }
+        }
+    }
+}
+
+fn scores_unscaled<T: KvValue>(q: &[f32], heads: usize, keys: &[T], scale: f32, scores: &mut [f32]) {
+    let hd = q.len() / heads;
+    let n = scores.len() / heads;
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "f16c", target_feature = "fma"))]
-    // SAFETY: the build enables AVX2/F16C/FMA; lengths were checked above.
+    // SAFETY: the build enables AVX2/F16C/FMA; lengths were checked by the caller.
     unsafe {
         match (hd, heads) {
-            (16, 1) => return simd::scores::<2, 1>(q, keys, scale, scores),
-            (16, 2) => return simd::scores::<2, 2>(q, keys, scale, scores),
-            (16, 3) => return simd::scores::<2, 3>(q, keys, scale, scores),
-            (32, 1) => return simd::scores::<4, 1>(q, keys, scale, scores),
-            (32, 2) => return simd::scores::<4, 2>(q, keys, scale, scores),
-            (32, 3) => return simd::scores::<4, 3>(q, keys, scale, scores),
-            (64, 1) => return simd::scores::<8, 1>(q, keys, scale, scores),
-            (64, 2) => return simd::scores::<8, 2>(q, keys, scale, scores),
-            (64, 3) => return simd::scores::<8, 3>(q, keys, scale, scores),
-            (128, 1) => return simd::scores::<16, 1>(q, keys, scale, scores),
+            (16, 1) => return simd::scores::<T, 2, 1>(q, keys, scale, scores),
+            (16, 2) => return simd::scores::<T, 2, 2>(q, keys, scale, scores),
+            (16, 3) => return simd::scores::<T, 2, 3>(q, keys, scale, scores),
+            (32, 1) => return simd::scores::<T, 4, 1>(q, keys, scale, scores),
+            (32, 2) => return simd::scores::<T, 4, 2>(q, keys, scale, scores),
+            (32, 3) => return simd::scores::<T, 4, 3>(q, keys, scale, scores),
+            (64, 1) => return simd::scores::<T, 8, 1>(q, keys, scale, scores),
+            (64, 2) => return simd::scores::<T, 8, 2>(q, keys, scale, scores),
+            (64, 3) => return simd::scores::<T, 8, 3>(q, keys, scale, scores),
+            (128, 1) => return simd::scores::<T, 16, 1>(q, keys, scale, scores),
             _ => {}
         }
     }
@@ -139,15 +195,15 @@ pub fn grouped_scores(q: &[f32], heads: usize, keys: &[u16], scale: f32, scores:
         let qs = &q[s * hd..(s + 1) * hd];
         for j in 0..n {
             let k = &keys[j * hd..(j + 1) * hd];
-            scores[s * n + j] = qs.iter().zip(k).map(|(a, b)| a * f16::from_bits(*b).to_f32()).sum::<f32>() * scale;
+            scores[s * n + j] = qs.iter().zip(k).map(|(a, b)| a * b.to_f32()).sum::<f32>() * scale;
         }
     }
 }
 
 /// `out[s] = Σ_j weights[s * n + j] * v_j` for `heads` heads sharing the `n`
-/// values stored one after another as f16 bits; `out` holds the heads one after
-/// another.
-pub fn grouped_values(weights: &[f32], heads: usize, values: &[u16], out: &mut [f32]) {
+/// values stored one after another; `out` holds the heads one after another.
+/// (An i8 cache's value scales are folded into the weights beforehand.)
+pub fn grouped_values<T: KvValue>(weights: &[f32], heads: usize, values: &[T], out: &mut [f32]) {
     let hd = out.len() / heads;
     let n = weights.len() / heads;
     assert!(values.len() >= n * hd && weights.len() == n * heads);
@@ -155,16 +211,16 @@ pub fn grouped_values(weights: &[f32], heads: usize, values: &[u16], out: &mut [
     // SAFETY: as above.
     unsafe {
         match (hd, heads) {
-            (16, 1) => return simd::values::<1, 1>(weights, values, out),
-            (16, 2) => return simd::values::<1, 2>(weights, values, out),
-            (16, 3) => return simd::values::<1, 3>(weights, values, out),
-            (32, 1) => return simd::values::<2, 1>(weights, values, out),
-            (32, 2) => return simd::values::<2, 2>(weights, values, out),
-            (32, 3) => return simd::values::<2, 3>(weights, values, out),
-            (64, 1) => return simd::values::<4, 1>(weights, values, out),
-            (64, 2) => return simd::values::<4, 2>(weights, values, out),
-            (64, 3) => return simd::values::<4, 3>(weights, values, out),
-            (128, 1) => return simd::values::<8, 1>(weights, values, out),
+            (16, 1) => return simd::values::<T, 1, 1>(weights, values, out),
+            (16, 2) => return simd::values::<T, 1, 2>(weights, values, out),
+            (16, 3) => return simd::values::<T, 1, 3>(weights, values, out),
+            (32, 1) => return simd::values::<T, 2, 1>(weights, values, out),
+            (32, 2) => return simd::values::<T, 2, 2>(weights, values, out),
+            (32, 3) => return simd::values::<T, 2, 3>(weights, values, out),
+            (64, 1) => return simd::values::<T, 4, 1>(weights, values, out),
+            (64, 2) => return simd::values::<T, 4, 2>(weights, values, out),
+            (64, 3) => return simd::values::<T, 4, 3>(weights, values, out),
+            (128, 1) => return simd::values::<T, 8, 1>(weights, values, out),
             _ => {}
         }
     }
@@ -173,7 +229,7 @@ pub fn grouped_values(weights: &[f32], heads: usize, values: &[u16], out: &mut [
         for j in 0..n {
             let w = weights[s * n + j];
             for (o, v) in out[s * hd..(s + 1) * hd].iter_mut().zip(&values[j * hd..(j + 1) * hd]) {
-                *o = w.mul_add(f16::from_bits(*v).to_f32(), *o);
+                *o = w.mul_add(v.to_f32(), *o);
             }
         }
     }
@@ -192,12 +248,8 @@ pub fn heads_at_once(head_dim: usize) -> usize {
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "f16c", target_feature = "fma"))]
 mod simd {
     use super::super::quant::avx2::hsum;
+    use super::KvValue;
     use std::arch::x86_64::*;
-
-    #[inline(always)]
-    unsafe fn load_f16(p: *const u16) -> __m256 {
-        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
-    }
 
     /// The sums of four vectors, as four floats.
     #[inline(always)]
@@ -208,7 +260,12 @@ mod simd {
 
     /// Four keys at a time, each widened once and multiplied into the sums of
     /// all `S` heads (4·S sums in flight).
-    pub unsafe fn scores<const CH: usize, const S: usize>(q: &[f32], keys: &[u16], scale: f32, scores: &mut [f32]) {
+    pub unsafe fn scores<T: KvValue, const CH: usize, const S: usize>(
+        q: &[f32],
+        keys: &[T],
+        scale: f32,
+        scores: &mut [f32],
+    ) {
         let hd = CH * 8;
         let (q, k) = (q.as_ptr(), keys.as_ptr());
         let n = scores.len() / S;
@@ -219,7 +276,7 @@ mod simd {
             let mut acc = [[_mm256_setzero_ps(); 4]; S];
             for c in 0..CH {
                 for i in 0..4 {
-                    let kv = load_f16(k.add((j + i) * hd + c * 8));
+                    let kv = T::load8(k.add((j + i) * hd + c * 8));
                     for s in 0..S {
                         acc[s][i] = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(s * hd + c * 8)), kv, acc[s][i]);
                     }
@@ -234,7 +291,7 @@ mod simd {
             for s in 0..S {
                 let mut acc = _mm256_setzero_ps();
                 for c in 0..CH {
-                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(s * hd + c * 8)), load_f16(k.add(j * hd + c * 8)), acc);
+                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(s * hd + c * 8)), T::load8(k.add(j * hd + c * 8)), acc);
                 }
                 *out.add(s * n + j) = hsum(acc) * scale;
             }
@@ -244,7 +301,7 @@ mod simd {
 
     /// Half a head's values at a time (`HALF` groups of 8), so the sums of all
     /// `S` heads stay in registers; each value is widened once for all heads.
-    pub unsafe fn values<const HALF: usize, const S: usize>(weights: &[f32], values: &[u16], out: &mut [f32]) {
+    pub unsafe fn values<T: KvValue, const HALF: usize, const S: usize>(weights: &[f32], values: &[T], out: &mut [f32]) {
         let hd = HALF * 16;
         let n = weights.len() / S;
         let (w, v) = (weights.as_ptr(), values.as_ptr());
@@ -253,7 +310,7 @@ mod simd {
             for j in 0..n {
                 let ws: [__m256; S] = std::array::from_fn(|s| _mm256_broadcast_ss(&*w.add(s * n + j)));
                 for c in 0..HALF {
-                    let vv = load_f16(v.add(j * hd + (half * HALF + c) * 8));
+                    let vv = T::load8(v.add(j * hd + (half * HALF + c) * 8));
                     for s in 0..S {
                         acc[s][c] = _mm256_fmadd_ps(ws[s], vv, acc[s][c]);
                     }
@@ -266,6 +323,18 @@ mod simd {
             }
         }
     }
+}
+
+/// One head's keys or values as i8 with a scale (absolute maximum / 127),
+/// as llama.cpp's Q8_0 blocks but one block per head and position.
+pub fn to_i8(x: &[f32], out: &mut [i8]) -> f32 {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let scale = amax / 127.0;
+    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+    for (o, v) in out.iter_mut().zip(x) {
+        *o = (v * inv).round() as i8;
+    }
+    scale
 }
 
 pub fn to_f16_bits(x: &[f32], out: &mut [u16]) {
@@ -286,7 +355,7 @@ mod tests {
             let bits: Vec<u16> = (0..n * hd).map(|i| f16::from_f32((i as f32 * 0.11).cos()).to_bits()).collect();
             let k = |j: usize, i: usize| f16::from_bits(bits[j * hd + i]).to_f32();
             let mut scores = vec![0f32; n * heads];
-            grouped_scores(&q, heads, &bits, 0.5, &mut scores);
+            grouped_scores(&q, heads, &bits, None, 0.5, &mut scores);
             let weights: Vec<f32> = (0..n * heads).map(|j| 1.0 / (j as f32 + 1.0)).collect();
             let mut out = vec![0f32; hd * heads];
             grouped_values(&weights, heads, &bits, &mut out);
@@ -299,6 +368,41 @@ mod tests {
                     let expected: f32 = (0..n).map(|j| weights[s * n + j] * k(j, i)).sum();
                     assert!((out[s * hd + i] - expected).abs() < 1e-4, "hd {hd} head {s} value {i}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn i8_attention_follows_the_f16_kernels() {
+        for (hd, heads) in [(64, 3), (64, 1), (128, 1), (48, 2)] {
+            let n = 23;
+            let q: Vec<f32> = (0..hd * heads).map(|i| (i as f32 * 0.37).sin()).collect();
+            let keys: Vec<f32> = (0..n * hd).map(|i| (i as f32 * 0.11).cos() * (1.0 + (i / hd) as f32)).collect();
+            let mut bits = vec![0u16; n * hd];
+            to_f16_bits(&keys, &mut bits);
+            let mut ints = vec![0i8; n * hd];
+            let scales: Vec<f32> =
+                keys.chunks_exact(hd).zip(ints.chunks_exact_mut(hd)).map(|(k, o)| to_i8(k, o)).collect();
+            let (mut exact, mut small) = (vec![0f32; n * heads], vec![0f32; n * heads]);
+            grouped_scores(&q, heads, &bits, None, 0.5, &mut exact);
+            grouped_scores(&q, heads, &ints, Some(&scales), 0.5, &mut small);
+            for (i, (a, b)) in exact.iter().zip(&small).enumerate() {
+                // Each key value is off by at most half its step (scale), so the
+                // score by at most half a step per |q| (times the 0.5 scale).
+                let (s, j) = (i / n, i % n);
+                let q_abs: f32 = q[s * hd..(s + 1) * hd].iter().map(|v| v.abs()).sum();
+                let bound = 0.5 * q_abs * scales[j] / 2.0 + 1e-4;
+                assert!((a - b).abs() <= bound, "hd {hd}: {a} vs {b}, bound {bound}");
+            }
+            let weights: Vec<f32> = (0..n * heads).map(|j| 1.0 / (j as f32 + 1.0)).collect();
+            let scaled: Vec<f32> = weights.chunks_exact(n).flat_map(|w| w.iter().zip(&scales).map(|(w, s)| w * s)).collect();
+            let (mut exact, mut small) = (vec![0f32; hd * heads], vec![0f32; hd * heads]);
+            grouped_values(&weights, heads, &bits, &mut exact);
+            grouped_values(&scaled, heads, &ints, &mut small);
+            for (i, (a, b)) in exact.iter().zip(&small).enumerate() {
+                let s = i / hd;
+                let bound: f32 = (0..n).map(|j| weights[s * n + j] * scales[j] / 2.0).sum::<f32>() + 1e-4;
+                assert!((a - b).abs() <= bound, "hd {hd}: {a} vs {b}, bound {bound}");
             }
         }
     }

@@ -17,6 +17,7 @@ pub mod quant;
 pub mod team;
 
 use candle_core::quantized::gguf_file;
+use natter_shared::config::KvCacheType;
 use quant::{ActType, WeightType};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -172,21 +173,33 @@ pub struct KvCache {
     layers: usize,
     kv_heads: usize,
     head_dim: usize,
-    k: Vec<u16>,
-    v: Vec<u16>,
+    store: KvStore,
+}
+
+/// Keys and values at `[slot][layer][kv head][position][head_dim]`.
+enum KvStore {
+    F16 { k: Vec<u16>, v: Vec<u16> },
+    /// i8 values with one scale per (slot, layer, kv head, position).
+    Q8 { k: Vec<i8>, v: Vec<i8>, k_scales: Vec<f32>, v_scales: Vec<f32> },
 }
 
 impl KvCache {
-    pub fn new(config: &Config, slots: usize, window: usize) -> KvCache {
-        let n = slots * config.layers * config.kv_heads * window * config.head_dim;
+    pub fn new(config: &Config, slots: usize, window: usize, kind: KvCacheType) -> KvCache {
+        let heads = slots * config.layers * config.kv_heads * window;
+        let n = heads * config.head_dim;
+        let store = match kind {
+            KvCacheType::F16 => KvStore::F16 { k: vec![0; n], v: vec![0; n] },
+            KvCacheType::Q8 => {
+                KvStore::Q8 { k: vec![0; n], v: vec![0; n], k_scales: vec![0.0; heads], v_scales: vec![0.0; heads] }
+            }
+        };
         KvCache {
             slots,
             window,
             layers: config.layers,
             kv_heads: config.kv_heads,
             head_dim: config.head_dim,
-            k: vec![0; n],
-            v: vec![0; n],
+            store,
         }
     }
 
@@ -200,11 +213,29 @@ impl KvCache {
 
     /// Bytes the cache may grow to.
     pub fn capacity_bytes(&self) -> usize {
-        (self.k.len() + self.v.len()) * 2
+        match &self.store {
+            KvStore::F16 { k, v } => (k.len() + v.len()) * 2,
+            KvStore::Q8 { k, v, k_scales, v_scales } => k.len() + v.len() + (k_scales.len() + v_scales.len()) * 4,
+        }
     }
 
-    fn offset(&self, slot: usize, layer: usize, head: usize, pos: usize) -> usize {
-        (((slot * self.layers + layer) * self.kv_heads + head) * self.window + pos) * self.head_dim
+    /// Where position `pos` of a head starts, counted in positions.
+    fn position(&self, slot: usize, layer: usize, head: usize, pos: usize) -> usize {
+        ((slot * self.layers + layer) * self.kv_heads + head) * self.window + pos
+    }
+
+    fn write(&mut self, at: usize, key: &[f32], value: &[f32]) {
+        let range = at * self.head_dim..(at + 1) * self.head_dim;
+        match &mut self.store {
+            KvStore::F16 { k, v } => {
+                math::to_f16_bits(key, &mut k[range.clone()]);
+                math::to_f16_bits(value, &mut v[range]);
+            }
+            KvStore::Q8 { k, v, k_scales, v_scales } => {
+                k_scales[at] = math::to_i8(key, &mut k[range.clone()]);
+                v_scales[at] = math::to_i8(value, &mut v[range]);
+            }
+        }
     }
 }
 
@@ -499,9 +530,9 @@ impl NativeModel {
                     rotate(head, cos, sin, c.rope);
                 }
                 for h in 0..c.kv_heads {
-                    let at = cache.offset(r.slot, l, h, r.pos);
-                    math::to_f16_bits(&k[h * c.head_dim..(h + 1) * c.head_dim], &mut cache.k[at..at + c.head_dim]);
-                    math::to_f16_bits(&v[h * c.head_dim..(h + 1) * c.head_dim], &mut cache.v[at..at + c.head_dim]);
+                    let at = cache.position(r.slot, l, h, r.pos);
+                    let head = h * c.head_dim..(h + 1) * c.head_dim;
+                    cache.write(at, &k[head.clone()], &v[head]);
                 }
             }
             attention(team, c, l, rows, cache, &s.q[..n * c.dim], &mut s.partials, &mut s.attn[..n * c.dim]);
@@ -727,6 +758,12 @@ fn prefetch(bytes: &[u8]) {
     }
 }
 
+/// One chunk of a KV head's cached values.
+enum KvSlice<'a> {
+    F16(&'a [u16]),
+    Q8(&'a [i8]),
+}
+
 /// Keys per attention work item: a row's keys are split into chunks at fixed
 /// positions, so the work spreads over the threads at any context length, and
 /// the result of a row never depends on what else is in the step.
@@ -772,24 +809,38 @@ fn attention(
             let r = rows[i];
             let first = ch * ATTENTION_CHUNK;
             let n = (r.pos + 1 - first).min(ATTENTION_CHUNK);
-            let base = cache.offset(r.slot, layer, g, first);
-            let (keys, values) = (&cache.k[base..base + n * hd], &cache.v[base..base + n * hd]);
+            let base = cache.position(r.slot, layer, g, first);
             let mut h = g * group;
             while h < (g + 1) * group {
                 let heads = at_once.min((g + 1) * group - h);
                 scores.resize(heads * n, 0.0);
-                math::grouped_scores(
-                    &q[i * c.dim + h * hd..i * c.dim + (h + heads) * hd],
-                    heads,
-                    keys,
-                    scale,
-                    &mut scores,
-                );
+                let q = &q[i * c.dim + h * hd..i * c.dim + (h + heads) * hd];
+                let (kv, value_scales) = match &cache.store {
+                    KvStore::F16 { k, v } => {
+                        math::grouped_scores(q, heads, &k[base * hd..(base + n) * hd], None, scale, &mut scores);
+                        (KvSlice::F16(&v[base * hd..(base + n) * hd]), None)
+                    }
+                    KvStore::Q8 { k, v, k_scales, v_scales } => {
+                        let keys = &k[base * hd..(base + n) * hd];
+                        math::grouped_scores(q, heads, keys, Some(&k_scales[base..base + n]), scale, &mut scores);
+                        (KvSlice::Q8(&v[base * hd..(base + n) * hd]), Some(&v_scales[base..base + n]))
+                    }
+                };
                 let mut stats = [(0f32, 0f32); 3];
                 for (s, st) in stats.iter_mut().enumerate().take(heads) {
                     *st = math::softmax_weights(&mut scores[s * n..(s + 1) * n]);
                 }
-                math::grouped_values(&scores, heads, values, &mut sums[..heads * hd]);
+                if let Some(value_scales) = value_scales {
+                    for weights in scores.chunks_exact_mut(n) {
+                        for (w, s) in weights.iter_mut().zip(value_scales) {
+                            *w *= s;
+                        }
+                    }
+                }
+                match kv {
+                    KvSlice::F16(values) => math::grouped_values(&scores, heads, values, &mut sums[..heads * hd]),
+                    KvSlice::Q8(values) => math::grouped_values(&scores, heads, values, &mut sums[..heads * hd]),
+                }
                 for s in 0..heads {
                     let at = ((i * c.heads + h + s) * chunks + ch) * stride;
                     // SAFETY: each (row, head, chunk) partial is written by one thread.

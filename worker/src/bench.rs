@@ -4,8 +4,8 @@
 use crate::chat::{ChatEngine, ChatOptions};
 use crate::config::{ConfigLoadError, Loaded};
 use crate::fetch;
-use natter_shared::config::KvCacheType;
 use clap::Args;
+use natter_shared::config::KvCacheType;
 use natter_shared::proto::{ChatInput, ChatMessage, JobKind, Role, SamplingParams};
 
 #[derive(Args, Clone, Debug)]

@@ -301,7 +301,11 @@ mod simd {
 
     /// Half a head's values at a time (`HALF` groups of 8), so the sums of all
     /// `S` heads stay in registers; each value is widened once for all heads.
-    pub unsafe fn values<T: KvValue, const HALF: usize, const S: usize>(weights: &[f32], values: &[T], out: &mut [f32]) {
+    pub unsafe fn values<T: KvValue, const HALF: usize, const S: usize>(
+        weights: &[f32],
+        values: &[T],
+        out: &mut [f32],
+    ) {
         let hd = HALF * 16;
         let n = weights.len() / S;
         let (w, v) = (weights.as_ptr(), values.as_ptr());
@@ -395,7 +399,8 @@ mod tests {
                 assert!((a - b).abs() <= bound, "hd {hd}: {a} vs {b}, bound {bound}");
             }
             let weights: Vec<f32> = (0..n * heads).map(|j| 1.0 / (j as f32 + 1.0)).collect();
-            let scaled: Vec<f32> = weights.chunks_exact(n).flat_map(|w| w.iter().zip(&scales).map(|(w, s)| w * s)).collect();
+            let scaled: Vec<f32> =
+                weights.chunks_exact(n).flat_map(|w| w.iter().zip(&scales).map(|(w, s)| w * s)).collect();
             let (mut exact, mut small) = (vec![0f32; hd * heads], vec![0f32; hd * heads]);
             grouped_values(&weights, heads, &bits, &mut exact);
             grouped_values(&scaled, heads, &ints, &mut small);

@@ -178,9 +178,17 @@ pub struct KvCache {
 
 /// Keys and values at `[slot][layer][kv head][position][head_dim]`.
 enum KvStore {
-    F16 { k: Vec<u16>, v: Vec<u16> },
+    F16 {
+        k: Vec<u16>,
+        v: Vec<u16>,
+    },
     /// i8 values with one scale per (slot, layer, kv head, position).
-    Q8 { k: Vec<i8>, v: Vec<i8>, k_scales: Vec<f32>, v_scales: Vec<f32> },
+    Q8 {
+        k: Vec<i8>,
+        v: Vec<i8>,
+        k_scales: Vec<f32>,
+        v_scales: Vec<f32>,
+    },
 }
 
 impl KvCache {
@@ -193,14 +201,7 @@ impl KvCache {
                 KvStore::Q8 { k: vec![0; n], v: vec![0; n], k_scales: vec![0.0; heads], v_scales: vec![0.0; heads] }
             }
         };
-        KvCache {
-            slots,
-            window,
-            layers: config.layers,
-            kv_heads: config.kv_heads,
-            head_dim: config.head_dim,
-            store,
-        }
+        KvCache { slots, window, layers: config.layers, kv_heads: config.kv_heads, head_dim: config.head_dim, store }
     }
 
     pub fn slots(&self) -> usize {

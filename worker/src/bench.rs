@@ -197,23 +197,33 @@ pub fn run(args: &BenchArgs, loaded: &Loaded) -> Result<(), BenchError> {
     if !depths.is_empty() {
         println!();
         // Both KV cache types, on the same prompts: at long contexts decoding
-        // reads the cache as well as the weights.
-        let mut q8 = engine.is_native().then(|| load_with(1, KvCacheType::Q8)).transpose()?;
+        // reads the cache as well as the weights. One engine at a time, so
+        // the peak memory figures stay those of one engine.
+        let decode = |engine: &mut ChatEngine, depth: usize| -> Result<(u32, f64), BenchError> {
+            let input = request(engine, depth, 32)?;
+            let done =
+                engine.generate(&input, &|| false, &mut |_| {}).map_err(|e| BenchError::Engine(e.to_string()))?;
+            Ok((done.metrics.prompt_tokens, done.metrics.decode_tokens_per_s.unwrap_or(0.0)))
+        };
+        let f16: Vec<(u32, f64)> = depths.iter().map(|&d| decode(&mut engine, d)).collect::<Result<_, _>>()?;
+        let q8: Option<Vec<f64>> = if engine.is_native() {
+            drop(engine);
+            let mut q8 = load_with(1, KvCacheType::Q8)?;
+            let rates = depths.iter().map(|&d| decode(&mut q8, d).map(|(_, rate)| rate)).collect::<Result<_, _>>()?;
+            Some(rates)
+        } else {
+            drop(engine);
+            None
+        };
         println!("| context depth | decode tok/s (32 tokens), f16 KV cache | q8 KV cache |");
         println!("|---:|---:|---:|");
-        for depth in depths {
-            let input = request(&engine, depth, 32)?;
-            let mut decode = |engine: &mut ChatEngine| -> Result<(usize, f64), BenchError> {
-                let done =
-                    engine.generate(&input, &|| false, &mut |_| {}).map_err(|e| BenchError::Engine(e.to_string()))?;
-                Ok((done.metrics.prompt_tokens as usize, done.metrics.decode_tokens_per_s.unwrap_or(0.0)))
-            };
-            let (tokens, f16) = decode(&mut engine)?;
-            let q8 = q8.as_mut().map(&mut decode).transpose()?.map(|(_, rate)| format!("{rate:.1}"));
-            println!("| {tokens} | {f16:.1} | {} |", q8.unwrap_or_else(|| "-".into()));
+        for (i, (tokens, rate)) in f16.iter().enumerate() {
+            let q8 = q8.as_ref().map_or_else(|| "-".to_string(), |q8| format!("{:.1}", q8[i]));
+            println!("| {tokens} | {rate:.1} | {q8} |");
         }
+    } else {
+        drop(engine);
     }
-    drop(engine);
 
     if args.streams > 1 {
         let mut engine = load(args.streams)?;

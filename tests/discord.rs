@@ -574,6 +574,9 @@ async fn rate_limits_are_honoured_and_stop_cancels_a_running_answer() {
     assert!(patches.iter().filter(|c| c.status == 429).count() <= 2, "the bot kept calling while limited");
 
     // A long answer; a second request meanwhile is told to wait; another user is queued; /stop stops it.
+    // A new conversation: after the question above SmolLM2 writes only a short program, which
+    // can end before the other user's request arrives.
+    slash(&fake, CHANNEL, me, "new", json!([]), "new conversation").await;
     ask_for_a_long_answer(&fake, me).await;
     let before = fake.channel_texts(CHANNEL).len();
     fake.wait_for(CHANNEL, Duration::from_secs(60), |t| t.len() > before && t.last().unwrap().len() > 40).await;

@@ -350,14 +350,15 @@ impl NativeModel {
             if cols % wt.block_elems() != 0 || cols % 32 != 0 {
                 return Err(NativeError::Unsupported(format!("{name} has {cols} columns")));
             }
-            let row_bytes = cols / wt.block_elems() * wt.block_bytes();
-            let mut raw = vec![0u8; rows * row_bytes];
+            let gguf_row_bytes = cols / wt.block_elems() * wt.block_bytes();
+            let row_bytes = wt.row_bytes(cols);
+            let mut raw = vec![0u8; rows * gguf_row_bytes];
             let read = |source| NativeError::Read { path: path.into(), source };
             let mut file = file.borrow_mut();
             file.seek(SeekFrom::Start(content.tensor_data_offset + info.offset)).map_err(read)?;
             file.read_exact(&mut raw).map_err(read)?;
             let mut data = Aligned::zeroed(rows * row_bytes);
-            for (gguf, row) in raw.chunks_exact(row_bytes).zip(data.bytes_mut().chunks_exact_mut(row_bytes)) {
+            for (gguf, row) in raw.chunks_exact(gguf_row_bytes).zip(data.bytes_mut().chunks_exact_mut(row_bytes)) {
                 wt.regroup_row(gguf, row);
             }
             Ok(Weight { wt, rows, cols, row_bytes, data: Arc::new(data) })

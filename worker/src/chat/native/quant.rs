@@ -77,6 +77,18 @@ impl WeightType {
         }
     }
 
+    /// Bytes of a regrouped row of `cols` values. Q5_0's and Q8_0's block
+    /// scales, the last field of a row, are padded with zeros to a whole group
+    /// of eight, so the kernels read them eight at a time even in a row's last,
+    /// short group (Qwen2.5's 896-wide rows end with four blocks).
+    pub fn row_bytes(self, cols: usize) -> usize {
+        let blocks = cols / self.block_elems();
+        match self {
+            WeightType::Q5_0 | WeightType::Q8_0 => blocks * (self.block_bytes() - 2) + padded(blocks) * 2,
+            _ => blocks * self.block_bytes(),
+        }
+    }
+
     pub fn activation(self) -> ActType {
         match self {
             WeightType::F32 => ActType::F32,
@@ -87,8 +99,9 @@ impl WeightType {
     }
 
     /// GGUF's blocks of one row → natter's row layout: the blocks' quantized
-    /// parts in order, then each per-block field as its own array. The k-quants
-    /// and f32 stay as they are (candle's kernels read them).
+    /// parts in order, then each per-block field as its own array (`out` is
+    /// zeroed, `row_bytes` long). The k-quants and f32 stay as they are
+    /// (candle's kernels read them).
     pub fn regroup_row(self, gguf: &[u8], out: &mut [u8]) {
         let fields: &[(usize, usize)] = match self {
             // (offset in the block, length): quantized values first.
@@ -100,6 +113,7 @@ impl WeightType {
                 return;
             }
         };
+        debug_assert_eq!(out.len(), self.row_bytes(gguf.len() / self.block_bytes() * 32));
         let size = self.block_bytes();
         let blocks = gguf.len() / size;
         let mut at = 0;
@@ -130,9 +144,19 @@ impl ActType {
         }
     }
 
+    /// Bytes of a quantized row of `cols` values; Q8_0's scales are padded to
+    /// a whole group of eight, as the weight rows that meet them.
     pub fn row_bytes(self, cols: usize) -> usize {
-        cols / self.block_elems() * self.block_bytes()
+        match self {
+            ActType::Q8_0 => cols + padded(cols / 32) * 4,
+            _ => cols / self.block_elems() * self.block_bytes(),
+        }
     }
+}
+
+/// `blocks` rounded up to a whole group of eight.
+fn padded(blocks: usize) -> usize {
+    blocks.next_multiple_of(8)
 }
 
 fn half_at(bytes: &[u8], at: usize) -> f32 {
@@ -173,6 +197,10 @@ pub fn quantize_row(act: ActType, x: &[f32], out: &mut [u8]) {
                     let s = (f16::from_f32(sum as f32) * dh).to_f32();
                     scales[(blocks + b) * 4..(blocks + b) * 4 + 4].copy_from_slice(&s.to_le_bytes());
                 }
+            }
+            if act == ActType::Q8_0 {
+                // The padding after the scales (see `row_bytes`).
+                scales[blocks * 4..].fill(0);
             }
         }
         ActType::Q8K => {
@@ -267,7 +295,7 @@ pub fn dot<const R: usize, const M: usize>(wt: WeightType, w: [&[u8]; R], a: [&[
     {
         if matches!(wt, WeightType::Q4K | WeightType::Q6K) {
             for row in w.iter() {
-                assert_eq!(row.len(), cols / 256 * wt.block_bytes(), "weight row length");
+                assert_eq!(row.len(), wt.row_bytes(cols), "weight row length");
             }
             for row in a.iter() {
                 assert_eq!(row.len(), ActType::Q8K.row_bytes(cols), "activation row length");
@@ -282,7 +310,7 @@ pub fn dot<const R: usize, const M: usize>(wt: WeightType, w: [&[u8]; R], a: [&[
         }
         if matches!(wt, WeightType::Q4_1 | WeightType::Q8_0 | WeightType::Q5_0) {
             for row in w.iter() {
-                assert_eq!(row.len(), cols / 32 * wt.block_bytes(), "weight row length");
+                assert_eq!(row.len(), wt.row_bytes(cols), "weight row length");
             }
             for row in a.iter() {
                 assert_eq!(row.len(), wt.activation().row_bytes(cols), "activation row length");
@@ -448,10 +476,11 @@ pub(super) mod avx2 {
         for group in (0..nb).step_by(8) {
             let n = (nb - group).min(8);
             // Eight blocks' scale products per pair at once; Q4_1's offsets
-            // (min × activation sum) go into their own accumulator. A short
-            // last group is done one block at a time.
+            // (min × activation sum) go into their own accumulator. Q5_0's and
+            // Q8_0's scales are padded to whole groups; a short last group of
+            // Q4_1 is done one block at a time.
             for r in 0..R {
-                if n == 8 {
+                if n == 8 || K != Q4_1 {
                     let dx = _mm256_cvtph_ps(_mm_loadu_si128(w[r].add(dx_at + group * 2) as *const __m128i));
                     for m in 0..M {
                         let dy = _mm256_loadu_ps(a[m].add(cols + group * 4) as *const f32);
@@ -705,8 +734,8 @@ mod tests {
         W::from_float(&xs, &mut wq);
         let mut back = vec![0f32; cols];
         W::to_float(&wq, &mut back);
-        let mut row_buf = aligned(as_bytes(&wq).len());
-        let row = bytes_mut(&mut row_buf, as_bytes(&wq).len());
+        let mut row_buf = aligned(wt.row_bytes(cols));
+        let row = bytes_mut(&mut row_buf, wt.row_bytes(cols));
         wt.regroup_row(as_bytes(&wq), row);
         let row: &[u8] = row;
         let mut ours = vec![0f32; cols];

@@ -657,42 +657,34 @@ pub(super) mod avx2 {
         std::array::from_fn(|r| std::array::from_fn(|m| hsum(acc[r][m])))
     }
 
+    /// Eight shuffle masks of `N` bytes: byte b of mask i picks scale byte
+    /// `2i` or `2i + 1`, switching every `run` bytes.
+    const fn scale_masks<const N: usize>(run: usize) -> [[u8; N]; 8] {
+        let mut t = [[0u8; N]; 8];
+        let mut i = 0;
+        while i < 8 {
+            let mut b = 0;
+            while b < N {
+                t[i][b] = (2 * i + (b / run) % 2) as u8;
+                b += 1;
+            }
+            i += 1;
+        }
+        t
+    }
+
     /// Q4_K: the i16 scale of sub-block `i` (of 8) in every lane pair.
     #[inline(always)]
     unsafe fn scale_pair_shuffle(i: usize) -> __m256i {
-        const TABLE: [[u8; 32]; 8] = {
-            let mut t = [[0u8; 32]; 8];
-            let mut i = 0;
-            while i < 8 {
-                let mut b = 0;
-                while b < 32 {
-                    t[i][b] = (2 * i + b % 2) as u8;
-                    b += 1;
-                }
-                i += 1;
-            }
-            t
-        };
-        _mm256_loadu_si256(TABLE[i].as_ptr() as *const __m256i)
+        const MASKS: [[u8; 32]; 8] = scale_masks(1);
+        _mm256_loadu_si256(MASKS[i].as_ptr() as *const __m256i)
     }
 
     /// Q6_K: scale bytes `2i` (eight times) then `2i + 1` (eight times).
     #[inline(always)]
     unsafe fn scale_shuffle(i: usize) -> __m128i {
-        const TABLE: [[u8; 16]; 8] = {
-            let mut t = [[0u8; 16]; 8];
-            let mut i = 0;
-            while i < 8 {
-                let mut b = 0;
-                while b < 16 {
-                    t[i][b] = (2 * i + b / 8) as u8;
-                    b += 1;
-                }
-                i += 1;
-            }
-            t
-        };
-        _mm_loadu_si128(TABLE[i].as_ptr() as *const __m128i)
+        const MASKS: [[u8; 16]; 8] = scale_masks(8);
+        _mm_loadu_si128(MASKS[i].as_ptr() as *const __m128i)
     }
 }
 

@@ -11,6 +11,7 @@
 //! many threads run it, or how its prompt was chunked: each output value is
 //! computed by the same sequence of operations in every case.
 
+pub mod grouped;
 mod math;
 pub use math::exp_in_place;
 pub mod quant;
@@ -36,12 +37,15 @@ pub enum NativeError {
     Invalid(String),
 }
 
-/// A weight matrix as its GGUF blocks: `rows` rows of `cols` values each.
+/// A weight matrix as its GGUF blocks: `rows` rows of `cols` values each,
+/// stored in units of one row (f32, k-quants) or of a group of rows (the
+/// 32-wide types, see [`grouped`]; the last group padded with zero rows).
 pub struct Weight {
     wt: WeightType,
     rows: usize,
     cols: usize,
-    row_bytes: usize,
+    unit_rows: usize,
+    unit_bytes: usize,
     data: Arc<Aligned>,
 }
 
@@ -108,11 +112,25 @@ impl Drop for Aligned {
 impl Weight {
     /// The same matrix, sharing its data (tied embeddings).
     fn shape(&self) -> Weight {
-        Weight { wt: self.wt, rows: self.rows, cols: self.cols, row_bytes: self.row_bytes, data: self.data.clone() }
+        Weight { data: self.data.clone(), ..*self }
     }
 
-    fn row(&self, r: usize) -> &[u8] {
-        &self.data.bytes()[r * self.row_bytes..(r + 1) * self.row_bytes]
+    /// Unit `u`: row `u`, or the group of rows `u·GROUP..`.
+    fn unit(&self, u: usize) -> &[u8] {
+        &self.data.bytes()[u * self.unit_bytes..(u + 1) * self.unit_bytes]
+    }
+
+    /// The row count rounded up to whole units.
+    fn padded_rows(&self) -> usize {
+        self.rows.next_multiple_of(self.unit_rows)
+    }
+
+    fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        if self.unit_rows == 1 {
+            quant::dequantize_row(self.wt, self.unit(r), out);
+        } else {
+            grouped::dequantize_row(self.wt, self.unit(r / self.unit_rows), r % self.unit_rows, out);
+        }
     }
 }
 
@@ -350,24 +368,34 @@ impl NativeModel {
             if cols % wt.block_elems() != 0 || cols % 32 != 0 {
                 return Err(NativeError::Unsupported(format!("{name} has {cols} columns")));
             }
-            let gguf_row_bytes = cols / wt.block_elems() * wt.block_bytes();
-            let row_bytes = wt.row_bytes(cols);
+            let gguf_row_bytes = wt.row_bytes(cols);
             let mut raw = vec![0u8; rows * gguf_row_bytes];
             let read = |source| NativeError::Read { path: path.into(), source };
             let mut file = file.borrow_mut();
             file.seek(SeekFrom::Start(content.tensor_data_offset + info.offset)).map_err(read)?;
             file.read_exact(&mut raw).map_err(read)?;
-            let mut data = Aligned::zeroed(rows * row_bytes);
-            for (gguf, row) in raw.chunks_exact(gguf_row_bytes).zip(data.bytes_mut().chunks_exact_mut(row_bytes)) {
-                wt.regroup_row(gguf, row);
+            let (unit_rows, unit_bytes) = if grouped::is_grouped(wt) {
+                (grouped::GROUP, grouped::group_bytes(wt, cols))
+            } else {
+                (1, gguf_row_bytes)
+            };
+            let mut data = Aligned::zeroed(rows.div_ceil(unit_rows) * unit_bytes);
+            for (src, unit) in raw.chunks(unit_rows * gguf_row_bytes).zip(data.bytes_mut().chunks_exact_mut(unit_bytes))
+            {
+                if unit_rows == 1 {
+                    unit.copy_from_slice(src);
+                } else {
+                    let rows: Vec<&[u8]> = src.chunks_exact(gguf_row_bytes).collect();
+                    grouped::pack(wt, &rows, unit);
+                }
             }
-            Ok(Weight { wt, rows, cols, row_bytes, data: Arc::new(data) })
+            Ok(Weight { wt, rows, cols, unit_rows, unit_bytes, data: Arc::new(data) })
         };
         let vector = |name: &str, len: usize| -> Result<Vec<f32>, NativeError> {
             let w = load(name)?;
             let mut out = vec![0f32; w.rows * w.cols];
             for r in 0..w.rows {
-                quant::dequantize_row(w.wt, w.row(r), &mut out[r * w.cols..(r + 1) * w.cols]);
+                w.dequantize_row(r, &mut out[r * w.cols..(r + 1) * w.cols]);
             }
             if out.len() != len {
                 return Err(NativeError::Invalid(format!("{name} has {} values, not {len}", out.len())));
@@ -496,7 +524,7 @@ impl NativeModel {
         grow(&mut s.sin, n * half);
         for (i, r) in rows.iter().enumerate() {
             let token = (r.token as usize).min(self.embed.rows - 1);
-            quant::dequantize_row(self.embed.wt, self.embed.row(token), &mut s.x[i * c.dim..(i + 1) * c.dim]);
+            self.embed.dequantize_row(token, &mut s.x[i * c.dim..(i + 1) * c.dim]);
             for (j, f) in c.inv_freq.iter().enumerate() {
                 let angle = r.pos as f32 * f;
                 s.cos[i * half + j] = angle.cos();
@@ -647,50 +675,50 @@ fn quantize<'a>(team: &Team, bufs: &'a mut [Vec<u64>; 4], x: &[f32], cols: usize
 const WEIGHT_PANEL_BYTES: usize = 96 * 1024;
 
 /// `out[r][o] = w.row(o) · x[r]` for each (weight, output) pair, all pairs split
-/// over the team by weight rows as one job.
+/// over the team by weight rows as one job (in whole groups).
 fn matmul(team: &Team, acts: &Acts, rows: usize, jobs: &mut [(&Weight, &mut [f32])]) {
-    let total: usize = jobs.iter().map(|(w, _)| w.rows).sum();
+    // Every matrix counts with its rows rounded up to a whole group, so each
+    // thread's share starts on a group boundary in every matrix.
+    let padded = |w: &Weight| w.rows.next_multiple_of(grouped::GROUP);
+    let total: usize = jobs.iter().map(|(w, _)| padded(w)).sum();
     let outs: Vec<(&Weight, Shards<f32>)> = jobs.iter_mut().map(|(w, out)| (*w, Shards::new(&mut out[..]))).collect();
     team.run(&|id| {
-        let mine = share(total, id, team.size(), 4);
+        let mine = share(total, id, team.size(), grouped::GROUP);
         let mut base = 0;
         for (w, out) in &outs {
-            let (start, end) = (mine.start.max(base), mine.end.min(base + w.rows));
+            let (start, end) = (mine.start.max(base), mine.end.min(base + padded(w)));
             if start < end {
-                matmul_part(w, acts, rows, (start - base)..(end - base), out);
+                let units = (start - base) / w.unit_rows..((end - base).min(w.padded_rows())) / w.unit_rows;
+                matmul_part(w, acts, rows, units, out);
             }
-            base += w.rows;
+            base += padded(w);
         }
     });
 }
 
+/// One thread's units (rows or groups) `range` of `w` against all `rows`
+/// activation rows, a panel of units at a time.
 fn matmul_part(w: &Weight, acts: &Acts, rows: usize, range: std::ops::Range<usize>, out: &Shards<f32>) {
-    let panel = (WEIGHT_PANEL_BYTES / w.row_bytes).max(8);
+    let panel = (WEIGHT_PANEL_BYTES / w.unit_bytes).max(8);
     let mut start = range.start;
     while start < range.end {
         let end = (start + panel).min(range.end);
         let part = Part { w, acts, out, panel: start..end, limit: range.end };
-        // Tile shapes, measured per type (ns per block pair, in cache): a tile
-        // decodes each of its weight blocks once for all its activation rows,
-        // which pays most for Q5_0's rebuilt fifth bit (1×8: 1.08, 4×2: 1.51)
-        // and the k-quants' unpacked scales (Q4_K 1×8: 0.73, 4×2: 0.95), while
-        // Q4_1 is fastest at 4×2 (1.05) and Q8_0 at 2×4 (0.82).
-        let mut r = 0;
-        match w.wt {
-            WeightType::Q5_0 => r = part.sweep::<1, 8>(r, rows),
-            WeightType::Q4K | WeightType::Q6K => {
-                r = part.sweep::<1, 8>(r, rows);
-                r = part.sweep::<1, 4>(r, rows);
-            }
-            WeightType::Q8_0 => r = part.sweep::<2, 4>(r, rows),
-            _ => {}
-        }
-        r = part.sweep::<4, 2>(r, rows);
-        // A decode row: Q4_1's short rows in tiles of 4, other types row by
-        // row, which streams from memory best (measured on Qwen2.5: 42 → 49 tok/s).
-        if w.wt == WeightType::Q4_1 {
-            part.sweep::<4, 1>(r, rows);
+        if w.unit_rows > 1 {
+            // A group meets four activation rows at a time: the broadcast
+            // activations and the 16-bit sums of four rows stay in registers.
+            let r = part.sweep_groups::<4>(0, rows);
+            let r = part.sweep_groups::<2>(r, rows);
+            part.sweep_groups::<1>(r, rows);
         } else {
+            // Tile shapes, measured (ns per block pair, in cache): a tile
+            // decodes each of its weight blocks once for all its activation
+            // rows, which pays for the k-quants' unpacked scales (Q4_K 1×8:
+            // 0.73, 4×2: 0.95). A decode row meets the weights row by row,
+            // which streams from memory best (Qwen2.5: 42 → 49 tok/s).
+            let r = part.sweep::<1, 8>(0, rows);
+            let r = part.sweep::<1, 4>(r, rows);
+            let r = part.sweep::<4, 2>(r, rows);
             part.sweep::<1, 1>(r, rows);
         }
         start = end;
@@ -700,24 +728,29 @@ fn matmul_part(w: &Weight, acts: &Acts, rows: usize, range: std::ops::Range<usiz
 /// How far ahead of the tile in hand the weight rows are prefetched.
 const PREFETCH_BYTES: usize = 2048;
 
-/// One thread's panel of weight rows in a matrix product.
+/// One thread's panel of weight units in a matrix product.
 struct Part<'a> {
     w: &'a Weight,
     acts: &'a Acts<'a>,
     out: &'a Shards<'a, f32>,
     panel: std::ops::Range<usize>,
-    /// The end of the thread's rows: prefetches stay within them.
+    /// The end of the thread's units: prefetches stay within them.
     limit: usize,
 }
 
 impl Part<'_> {
-    /// Multiplies the panel with activation rows from `r` on, `M` at a time,
-    /// in tiles of `R` weight rows (then single rows); returns the first
-    /// activation row left over.
+    /// Output (r, o), which belongs to the thread owning weight row o.
+    fn put(&self, r: usize, o: usize, v: f32) {
+        let w = self.w;
+        // SAFETY: each output is written by the one thread that owns its row.
+        unsafe { self.out.part(r * w.rows + o..r * w.rows + o + 1)[0] = v }
+    }
+
+    /// Multiplies the panel of rows with activation rows from `r` on, `M` at
+    /// a time, in tiles of `R` weight rows (then single rows); returns the
+    /// first activation row left over.
     fn sweep<const R: usize, const M: usize>(&self, mut r: usize, rows: usize) -> usize {
         let (w, act) = (self.w, self.w.wt.activation());
-        // SAFETY: output (r, o) belongs to the thread owning weight row o.
-        let put = |r: usize, o: usize, v: f32| unsafe { self.out.part(r * w.rows + o..r * w.rows + o + 1)[0] = v };
         while r + M <= rows {
             let a: [&[u8]; M] = std::array::from_fn(|m| self.acts.row(act, r + m));
             // The first pass over a panel streams its rows from memory: each
@@ -725,23 +758,50 @@ impl Part<'_> {
             // while it computes. A tile reads its rows in many short
             // interleaved runs, which the hardware prefetchers miss.
             let first_pass = r == 0;
-            let ahead = PREFETCH_BYTES.div_ceil(R * w.row_bytes) * R;
+            let ahead = PREFETCH_BYTES.div_ceil(R * w.unit_bytes) * R;
             let mut o = self.panel.start;
             while o + R <= self.panel.end {
                 if first_pass && o + ahead + R <= self.limit {
-                    prefetch(&w.data.bytes()[(o + ahead) * w.row_bytes..(o + ahead + R) * w.row_bytes]);
+                    prefetch(&w.data.bytes()[(o + ahead) * w.unit_bytes..(o + ahead + R) * w.unit_bytes]);
                 }
-                let d = quant::dot::<R, M>(w.wt, std::array::from_fn(|i| w.row(o + i)), a, w.cols);
+                let d = quant::dot::<R, M>(w.wt, std::array::from_fn(|i| w.unit(o + i)), a, w.cols);
                 for (i, row) in d.iter().enumerate() {
                     for (m, v) in row.iter().enumerate() {
-                        put(r + m, o + i, *v);
+                        self.put(r + m, o + i, *v);
                     }
                 }
                 o += R;
             }
             for o in o..self.panel.end {
-                for (m, v) in quant::dot::<1, M>(w.wt, [w.row(o)], a, w.cols)[0].iter().enumerate() {
-                    put(r + m, o, *v);
+                for (m, v) in quant::dot::<1, M>(w.wt, [w.unit(o)], a, w.cols)[0].iter().enumerate() {
+                    self.put(r + m, o, *v);
+                }
+            }
+            r += M;
+        }
+        r
+    }
+
+    /// As [`Part::sweep`] for a grouped matrix: each group of the panel meets
+    /// activation rows from `r` on, `M` at a time.
+    fn sweep_groups<const M: usize>(&self, mut r: usize, rows: usize) -> usize {
+        let (w, act) = (self.w, self.w.wt.activation());
+        while r + M <= rows {
+            let a: [&[u8]; M] = std::array::from_fn(|m| self.acts.row(act, r + m));
+            let first_pass = r == 0;
+            let ahead = PREFETCH_BYTES.div_ceil(w.unit_bytes);
+            for g in self.panel.clone() {
+                if first_pass && g + ahead < self.limit {
+                    prefetch(w.unit(g + ahead));
+                }
+                let d = grouped::dot::<M>(w.wt, w.unit(g), a, w.cols);
+                for (m, values) in d.iter().enumerate() {
+                    for (j, v) in values.iter().enumerate() {
+                        let o = g * grouped::GROUP + j;
+                        if o < w.rows {
+                            self.put(r + m, o, *v);
+                        }
+                    }
                 }
             }
             r += M;

@@ -1,14 +1,10 @@
-//! Quantized weight rows, the activation quantizers, and the dot products
-//! between them.
+//! Weight rows of the k-quants, the activation quantizers, and the dot
+//! products between k-quant rows and activations.
 //!
 //! Weights keep the file's own types: converting 4-bit blocks to Q8_0 would
 //! make every decoded token read half as many bytes again, and decoding is bound
-//! by memory bandwidth. At load, each row of a 32-wide type is regrouped from
-//! GGUF's array of blocks into its quantized values followed by its block
-//! scales (same bytes, another order), and activations are quantized the same
-//! way with f32 scales. The kernels then turn eight block scales into floats
-//! with one instruction and multiply them with the activation's in one more,
-//! instead of converting two half floats per block and pair.
+//! by memory bandwidth. The 32-wide types live in groups of rows
+//! ([`super::grouped`]); the k-quants stay in candle's blocks, row by row.
 //!
 //! Each kernel takes `R` weight rows and `M` activation rows; every pair
 //! follows the same operation sequence whatever `R` and `M` are, so a batched
@@ -33,9 +29,13 @@ pub enum WeightType {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ActType {
     F32,
-    /// 32-wide blocks of i8 with an f32 scale per block.
+    /// 32-wide blocks of i8, then their absolute values, then an f32 scale
+    /// and 16 × the values' sum (i32) per block: Q8_0 weights multiply the
+    /// absolute values by sign-adjusted weights, Q5_0's stored `q + 16` take
+    /// the sum back off.
     Q8_0,
-    /// As Q8_0, plus each block's sum times its scale (for Q4_1's offsets).
+    /// 32-wide blocks of i8, then an f32 scale and the block's sum times its
+    /// scale per block (for Q4_1's minimums).
     Q8_1,
     /// candle's 256-wide blocks for the k-quants, then each block's values
     /// summed in pairs and times 32 (i16): Q6_K's offset, shared by all weight
@@ -77,16 +77,9 @@ impl WeightType {
         }
     }
 
-    /// Bytes of a regrouped row of `cols` values. Q5_0's and Q8_0's block
-    /// scales, the last field of a row, are padded with zeros to a whole group
-    /// of eight, so the kernels read them eight at a time even in a row's last,
-    /// short group (Qwen2.5's 896-wide rows end with four blocks).
+    /// Bytes of a row of `cols` values.
     pub fn row_bytes(self, cols: usize) -> usize {
-        let blocks = cols / self.block_elems();
-        match self {
-            WeightType::Q5_0 | WeightType::Q8_0 => blocks * (self.block_bytes() - 2) + padded(blocks) * 2,
-            _ => blocks * self.block_bytes(),
-        }
+        cols / self.block_elems() * self.block_bytes()
     }
 
     pub fn activation(self) -> ActType {
@@ -95,33 +88,6 @@ impl WeightType {
             WeightType::Q8_0 | WeightType::Q5_0 => ActType::Q8_0,
             WeightType::Q4_1 => ActType::Q8_1,
             WeightType::Q4K | WeightType::Q6K => ActType::Q8K,
-        }
-    }
-
-    /// GGUF's blocks of one row → natter's row layout: the blocks' quantized
-    /// parts in order, then each per-block field as its own array (`out` is
-    /// zeroed, `row_bytes` long). The k-quants and f32 stay as they are
-    /// (candle's kernels read them).
-    pub fn regroup_row(self, gguf: &[u8], out: &mut [u8]) {
-        let fields: &[(usize, usize)] = match self {
-            // (offset in the block, length): quantized values first.
-            WeightType::Q4_1 => &[(4, 16), (0, 2), (2, 2)],
-            WeightType::Q5_0 => &[(6, 16), (2, 4), (0, 2)],
-            WeightType::Q8_0 => &[(2, 32), (0, 2)],
-            _ => {
-                out.copy_from_slice(gguf);
-                return;
-            }
-        };
-        debug_assert_eq!(out.len(), self.row_bytes(gguf.len() / self.block_bytes() * 32));
-        let size = self.block_bytes();
-        let blocks = gguf.len() / size;
-        let mut at = 0;
-        for &(offset, len) in fields {
-            for b in 0..blocks {
-                out[at..at + len].copy_from_slice(&gguf[b * size + offset..b * size + offset + len]);
-                at += len;
-            }
         }
     }
 }
@@ -138,29 +104,24 @@ impl ActType {
     pub fn block_bytes(self) -> usize {
         match self {
             ActType::F32 => 4,
-            ActType::Q8_0 => 36,
+            ActType::Q8_0 => 72,
             ActType::Q8_1 => 40,
             ActType::Q8K => std::mem::size_of::<BlockQ8K>() + Q8K_PAIR_SUMS_BYTES,
         }
     }
 
-    /// Bytes of a quantized row of `cols` values; Q8_0's scales are padded to
-    /// a whole group of eight, as the weight rows that meet them.
+    /// Bytes of a quantized row of `cols` values.
     pub fn row_bytes(self, cols: usize) -> usize {
+        cols / self.block_elems() * self.block_bytes()
+    }
+
+    /// Where a Q8_0 or Q8_1 row's per-block scales start.
+    pub fn scales_at(self, cols: usize) -> usize {
         match self {
-            ActType::Q8_0 => cols + padded(cols / 32) * 4,
-            _ => cols / self.block_elems() * self.block_bytes(),
+            ActType::Q8_0 => 2 * cols,
+            _ => cols,
         }
     }
-}
-
-/// `blocks` rounded up to a whole group of eight.
-fn padded(blocks: usize) -> usize {
-    blocks.next_multiple_of(8)
-}
-
-fn half_at(bytes: &[u8], at: usize) -> f32 {
-    f16::from_bits(u16::from_le_bytes([bytes[at], bytes[at + 1]])).to_f32()
 }
 
 fn f32_at(bytes: &[u8], at: usize) -> f32 {
@@ -180,7 +141,7 @@ pub fn quantize_row(act: ActType, x: &[f32], out: &mut [u8]) {
         ActType::Q8_0 | ActType::Q8_1 => {
             let cols = x.len();
             let blocks = cols / 32;
-            let (qs, scales) = out.split_at_mut(cols);
+            let scales_at = act.scales_at(cols);
             for (b, xs) in x.chunks_exact(32).enumerate() {
                 let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
                 let d = amax / 127.0;
@@ -189,18 +150,21 @@ pub fn quantize_row(act: ActType, x: &[f32], out: &mut [u8]) {
                 let mut sum = 0i32;
                 for (j, v) in xs.iter().enumerate() {
                     let q = (v * id).round() as i8;
-                    qs[b * 32 + j] = q as u8;
+                    out[b * 32 + j] = q as u8;
+                    if act == ActType::Q8_0 {
+                        out[cols + b * 32 + j] = q.unsigned_abs();
+                    }
                     sum += q as i32;
                 }
-                scales[b * 4..b * 4 + 4].copy_from_slice(&dh.to_f32().to_le_bytes());
-                if act == ActType::Q8_1 {
-                    let s = (f16::from_f32(sum as f32) * dh).to_f32();
-                    scales[(blocks + b) * 4..(blocks + b) * 4 + 4].copy_from_slice(&s.to_le_bytes());
-                }
-            }
-            if act == ActType::Q8_0 {
-                // The padding after the scales (see `row_bytes`).
-                scales[blocks * 4..].fill(0);
+                let at = scales_at + b * 4;
+                out[at..at + 4].copy_from_slice(&dh.to_f32().to_le_bytes());
+                let offset = if act == ActType::Q8_1 {
+                    (f16::from_f32(sum as f32) * dh).to_f32().to_le_bytes()
+                } else {
+                    (16 * sum).to_le_bytes()
+                };
+                let at = scales_at + (blocks + b) * 4;
+                out[at..at + 4].copy_from_slice(&offset);
             }
         }
         ActType::Q8K => {
@@ -242,53 +206,23 @@ fn blocks<T>(bytes: &[u8]) -> &[T] {
     unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, n) }
 }
 
-/// Dequantizes one regrouped weight row.
+/// Dequantizes one row of a per-row type (f32 or a k-quant).
 pub fn dequantize_row(wt: WeightType, row: &[u8], out: &mut [f32]) {
-    let nb = out.len() / 32;
     match wt {
-        WeightType::F32 => {
+        WeightType::Q4K => BlockQ4K::to_float(blocks::<BlockQ4K>(row), out),
+        WeightType::Q6K => BlockQ6K::to_float(blocks::<BlockQ6K>(row), out),
+        _ => {
             for (i, o) in out.iter_mut().enumerate() {
                 *o = f32_at(row, i * 4);
             }
         }
-        WeightType::Q8_0 => {
-            for (b, o) in out.chunks_exact_mut(32).enumerate() {
-                let d = half_at(row, nb * 32 + b * 2);
-                for (j, v) in o.iter_mut().enumerate() {
-                    *v = row[b * 32 + j] as i8 as f32 * d;
-                }
-            }
-        }
-        WeightType::Q4_1 => {
-            for (b, o) in out.chunks_exact_mut(32).enumerate() {
-                let (d, m) = (half_at(row, nb * 16 + b * 2), half_at(row, nb * 18 + b * 2));
-                for j in 0..16 {
-                    o[j] = (row[b * 16 + j] & 0x0F) as f32 * d + m;
-                    o[j + 16] = (row[b * 16 + j] >> 4) as f32 * d + m;
-                }
-            }
-        }
-        WeightType::Q5_0 => {
-            for (b, o) in out.chunks_exact_mut(32).enumerate() {
-                let d = half_at(row, nb * 20 + b * 2);
-                let qh = u32::from_le_bytes(row[nb * 16 + b * 4..nb * 16 + b * 4 + 4].try_into().expect("4 bytes"));
-                for j in 0..16 {
-                    let lo = (row[b * 16 + j] & 0x0F) as i32 | (((qh >> j) & 1) << 4) as i32;
-                    let hi = (row[b * 16 + j] >> 4) as i32 | (((qh >> (j + 16)) & 1) << 4) as i32;
-                    o[j] = (lo - 16) as f32 * d;
-                    o[j + 16] = (hi - 16) as f32 * d;
-                }
-            }
-        }
-        WeightType::Q4K => BlockQ4K::to_float(blocks::<BlockQ4K>(row), out),
-        WeightType::Q6K => BlockQ6K::to_float(blocks::<BlockQ6K>(row), out),
     }
 }
 
-/// Dot products of `R` weight rows with `M` activation rows, each quantized as
-/// `wt.activation()`; `out[r][m]` is row r with activation m. Uses AVX2 where
-/// the build has it; every pair follows the same operation sequence whatever
-/// `R` and `M` are.
+/// Dot products of `R` weight rows of a per-row type (f32 or a k-quant) with
+/// `M` activation rows, each quantized as `wt.activation()`; `out[r][m]` is
+/// row r with activation m. Uses AVX2 where the build has it; every pair
+/// follows the same operation sequence whatever `R` and `M` are.
 #[inline]
 pub fn dot<const R: usize, const M: usize>(wt: WeightType, w: [&[u8]; R], a: [&[u8]; M], cols: usize) -> [[f32; M]; R] {
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
@@ -300,7 +234,8 @@ pub fn dot<const R: usize, const M: usize>(wt: WeightType, w: [&[u8]; R], a: [&[
             for row in a.iter() {
                 assert_eq!(row.len(), ActType::Q8K.row_bytes(cols), "activation row length");
             }
-            // SAFETY: as below.
+            // SAFETY: the build enables AVX2, FMA and F16C; the row lengths
+            // were checked above.
             unsafe {
                 return match wt {
                     WeightType::Q4K => avx2::dot_q4k::<R, M>(w, a, cols / 256),
@@ -308,69 +243,21 @@ pub fn dot<const R: usize, const M: usize>(wt: WeightType, w: [&[u8]; R], a: [&[
                 };
             }
         }
-        if matches!(wt, WeightType::Q4_1 | WeightType::Q8_0 | WeightType::Q5_0) {
-            for row in w.iter() {
-                assert_eq!(row.len(), wt.row_bytes(cols), "weight row length");
-            }
-            for row in a.iter() {
-                assert_eq!(row.len(), wt.activation().row_bytes(cols), "activation row length");
-            }
-            let nb = cols / 32;
-            // SAFETY: the build enables AVX2, FMA and F16C; the row lengths
-            // were checked above.
-            unsafe {
-                return match wt {
-                    WeightType::Q4_1 => avx2::dot::<{ avx2::Q4_1 }, R, M>(w, a, nb),
-                    WeightType::Q5_0 => avx2::dot::<{ avx2::Q5_0 }, R, M>(w, a, nb),
-                    _ => avx2::dot::<{ avx2::Q8_0 }, R, M>(w, a, nb),
-                };
-            }
-        }
     }
     w.map(|w| dot_reference(wt, w, a, cols))
 }
 
-/// Portable dot products; also the reference the SIMD kernels are tested against.
+/// Portable dot products of a per-row type; also the reference the SIMD
+/// kernels are tested against.
 pub fn dot_reference<const M: usize>(wt: WeightType, w: &[u8], a: [&[u8]; M], cols: usize) -> [f32; M] {
-    let nb = cols / 32;
     let mut out = [0f32; M];
     for (o, a) in out.iter_mut().zip(a) {
-        let ad = |b: usize| f32_at(a, cols + b * 4);
         *o = match wt {
-            WeightType::F32 => (0..cols).map(|i| f32_at(w, i * 4) * f32_at(a, i * 4)).sum(),
-            WeightType::Q8_0 => (0..nb)
-                .map(|b| {
-                    let s: i32 = (0..32).map(|j| w[b * 32 + j] as i8 as i32 * a[b * 32 + j] as i8 as i32).sum();
-                    s as f32 * (half_at(w, nb * 32 + b * 2) * ad(b))
-                })
-                .sum(),
-            WeightType::Q4_1 => (0..nb)
-                .map(|b| {
-                    let mut s = 0i32;
-                    for j in 0..16 {
-                        s += (w[b * 16 + j] & 0x0F) as i32 * a[b * 32 + j] as i8 as i32;
-                        s += (w[b * 16 + j] >> 4) as i32 * a[b * 32 + 16 + j] as i8 as i32;
-                    }
-                    let (d, m) = (half_at(w, nb * 16 + b * 2), half_at(w, nb * 18 + b * 2));
-                    s as f32 * (d * ad(b)) + m * f32_at(a, cols + (nb + b) * 4)
-                })
-                .sum(),
-            WeightType::Q5_0 => (0..nb)
-                .map(|b| {
-                    let qh = u32::from_le_bytes(w[nb * 16 + b * 4..nb * 16 + b * 4 + 4].try_into().expect("4 bytes"));
-                    let mut s = 0i32;
-                    for j in 0..16 {
-                        let lo = ((w[b * 16 + j] & 0x0F) as i32 | (((qh >> j) & 1) << 4) as i32) - 16;
-                        let hi = ((w[b * 16 + j] >> 4) as i32 | (((qh >> (j + 16)) & 1) << 4) as i32) - 16;
-                        s += lo * a[b * 32 + j] as i8 as i32 + hi * a[b * 32 + 16 + j] as i8 as i32;
-                    }
-                    s as f32 * (half_at(w, nb * 20 + b * 2) * ad(b))
-                })
-                .sum(),
             // candle's kernels (AVX2 where available): the SIMD kernels below
             // give their results bit for bit.
             WeightType::Q4K => BlockQ4K::vec_dot(cols, blocks::<BlockQ4K>(w), q8k_blocks(a, cols)),
             WeightType::Q6K => BlockQ6K::vec_dot(cols, blocks::<BlockQ6K>(w), q8k_blocks(a, cols)),
+            _ => (0..cols).map(|i| f32_at(w, i * 4) * f32_at(a, i * 4)).sum(),
         };
     }
     out
@@ -379,41 +266,6 @@ pub fn dot_reference<const M: usize>(wt: WeightType, w: &[u8], a: [&[u8]; M], co
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
 pub(super) mod avx2 {
     use std::arch::x86_64::*;
-
-    // The weight type, as a const parameter so each kernel compiles straight.
-    pub const Q4_1: u8 = 0;
-    pub const Q5_0: u8 = 1;
-    pub const Q8_0: u8 = 2;
-
-    #[inline(always)]
-    unsafe fn nibbles(p: *const u8) -> __m256i {
-        let tmp = _mm_loadu_si128(p as *const __m128i);
-        let both = _mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp);
-        _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
-    }
-
-    /// 0xFF in byte i where bit i of the little-endian u32 at `p` is set.
-    #[inline(always)]
-    unsafe fn bits(p: *const u8) -> __m256i {
-        let word = (p as *const u32).read_unaligned();
-        let spread = _mm256_shuffle_epi8(
-            _mm256_set1_epi32(word as i32),
-            _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0),
-        );
-        let marked = _mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
-        _mm256_cmpeq_epi8(marked, _mm256_set1_epi64x(-1))
-    }
-
-    #[inline(always)]
-    unsafe fn unsigned_dot(ux: __m256i, sy: __m256i) -> __m256 {
-        let pairs = _mm256_maddubs_epi16(ux, sy);
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
-    }
-
-    #[inline(always)]
-    unsafe fn signed_dot(x: __m256i, y: __m256i) -> __m256 {
-        unsigned_dot(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x))
-    }
 
     /// The sum of a vector's eight lanes.
     #[inline(always)]
@@ -432,102 +284,6 @@ pub(super) mod avx2 {
     #[inline(always)]
     unsafe fn float(p: *const u8) -> f32 {
         (p as *const f32).read_unaligned()
-    }
-
-    /// The quantized values of weight block `b` as signed (Q5_0, Q8_0) or
-    /// unsigned (Q4_1) bytes.
-    #[inline(always)]
-    unsafe fn weight_block<const K: u8>(w: *const u8, nb: usize, b: usize) -> __m256i {
-        match K {
-            Q4_1 => nibbles(w.add(b * 16)),
-            Q8_0 => _mm256_loadu_si256(w.add(b * 32) as *const __m256i),
-            _ => {
-                // (nibble | high bit << 4) - 16: the nibble itself where the bit
-                // is set, the nibble with its top four bits set where not.
-                let high = _mm256_andnot_si256(bits(w.add(nb * 16 + b * 4)), _mm256_set1_epi8(0xF0u8 as i8));
-                _mm256_or_si256(nibbles(w.add(b * 16)), high)
-            }
-        }
-    }
-
-    /// Where a weight row's block scales start.
-    #[inline(always)]
-    fn scales_at<const K: u8>(nb: usize) -> usize {
-        match K {
-            Q4_1 => nb * 16,
-            Q5_0 => nb * 20,
-            _ => nb * 32,
-        }
-    }
-
-    #[inline(always)]
-    pub unsafe fn dot<const K: u8, const R: usize, const M: usize>(
-        w: [&[u8]; R],
-        a: [&[u8]; M],
-        nb: usize,
-    ) -> [[f32; M]; R] {
-        let (w, a) = (w.map(|r| r.as_ptr()), a.map(|r| r.as_ptr()));
-        let cols = nb * 32;
-        let mut acc = [[_mm256_setzero_ps(); M]; R];
-        let mut offsets = [[_mm256_setzero_ps(); M]; R];
-        let mut tail_offsets = [[0f32; M]; R];
-        let mut scale = [[[0f32; 8]; M]; R];
-        let dx_at = scales_at::<K>(nb);
-        for group in (0..nb).step_by(8) {
-            let n = (nb - group).min(8);
-            // Eight blocks' scale products per pair at once; Q4_1's offsets
-            // (min × activation sum) go into their own accumulator. Q5_0's and
-            // Q8_0's scales are padded to whole groups; a short last group of
-            // Q4_1 is done one block at a time.
-            for r in 0..R {
-                if n == 8 || K != Q4_1 {
-                    let dx = _mm256_cvtph_ps(_mm_loadu_si128(w[r].add(dx_at + group * 2) as *const __m128i));
-                    for m in 0..M {
-                        let dy = _mm256_loadu_ps(a[m].add(cols + group * 4) as *const f32);
-                        _mm256_storeu_ps(scale[r][m].as_mut_ptr(), _mm256_mul_ps(dx, dy));
-                        if K == Q4_1 {
-                            let mx = _mm256_cvtph_ps(_mm_loadu_si128(w[r].add(nb * 18 + group * 2) as *const __m128i));
-                            let sy = _mm256_loadu_ps(a[m].add(cols + (nb + group) * 4) as *const f32);
-                            offsets[r][m] = _mm256_fmadd_ps(mx, sy, offsets[r][m]);
-                        }
-                    }
-                } else {
-                    for i in 0..n {
-                        let b = group + i;
-                        let dx = half(w[r].add(dx_at + b * 2));
-                        for m in 0..M {
-                            scale[r][m][i] = dx * float(a[m].add(cols + b * 4));
-                            if K == Q4_1 {
-                                let mx = half(w[r].add(nb * 18 + b * 2));
-                                tail_offsets[r][m] =
-                                    mx.mul_add(float(a[m].add(cols + (nb + b) * 4)), tail_offsets[r][m]);
-                            }
-                        }
-                    }
-                }
-            }
-            for i in 0..n {
-                let b = group + i;
-                let qy: [__m256i; M] = std::array::from_fn(|m| _mm256_loadu_si256(a[m].add(b * 32) as *const __m256i));
-                for r in 0..R {
-                    let qx = weight_block::<K>(w[r], nb, b);
-                    for m in 0..M {
-                        let p = if K == Q4_1 { unsigned_dot(qx, qy[m]) } else { signed_dot(qx, qy[m]) };
-                        acc[r][m] = _mm256_fmadd_ps(_mm256_broadcast_ss(&scale[r][m][i]), p, acc[r][m]);
-                    }
-                }
-            }
-        }
-        std::array::from_fn(|r| {
-            std::array::from_fn(|m| {
-                let sum = hsum(acc[r][m]);
-                if K == Q4_1 {
-                    sum + (hsum(offsets[r][m]) + tail_offsets[r][m])
-                } else {
-                    sum
-                }
-            })
-        })
     }
 
     /// Offsets within candle's blocks (`#[repr(C)]`): BlockQ4K is d, dmin,
@@ -691,7 +447,6 @@ pub(super) mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::quantized::k_quants::{BlockQ4_1, BlockQ5_0, BlockQ8_0};
     use rand::{Rng, SeedableRng};
 
     fn random(n: usize, seed: u64) -> Vec<f32> {
@@ -714,9 +469,8 @@ mod tests {
         unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, len) }
     }
 
-    /// Our reading of each type agrees with candle's quantizer and dequantizer,
-    /// and the SIMD kernels with the portable ones and candle's, at every tile
-    /// shape, bit for bit between shapes.
+    /// Our reading of each k-quant agrees with candle's dequantizer, and the
+    /// SIMD kernels give candle's results bit for bit at every tile shape.
     fn check<W: GgmlType>(wt: WeightType, cols: usize)
     where
         W::VecDotType: GgmlType,
@@ -728,7 +482,7 @@ mod tests {
         W::to_float(&wq, &mut back);
         let mut row_buf = aligned(wt.row_bytes(cols));
         let row = bytes_mut(&mut row_buf, wt.row_bytes(cols));
-        wt.regroup_row(as_bytes(&wq), row);
+        row.copy_from_slice(as_bytes(&wq));
         let row: &[u8] = row;
         let mut ours = vec![0f32; cols];
         dequantize_row(wt, row, &mut ours);
@@ -773,10 +527,8 @@ mod tests {
                 assert!(pairs.iter().all(|r| r[i - 2].to_bits() == one.to_bits()));
             }
             let candle_dot = W::vec_dot_unopt(cols, &wq, &candle_acts[i]);
-            if matches!(wt, WeightType::Q4K | WeightType::Q6K) {
-                let candle_simd = W::vec_dot(cols, &wq, &candle_acts[i]);
-                assert_eq!(one.to_bits(), candle_simd.to_bits(), "{wt:?}: {one} vs candle's {candle_simd}");
-            }
+            let candle_simd = W::vec_dot(cols, &wq, &candle_acts[i]);
+            assert_eq!(one.to_bits(), candle_simd.to_bits(), "{wt:?}: {one} vs candle's {candle_simd}");
             for expected in [reference[i], candle_dot] {
                 assert!((one - expected).abs() <= 1e-4 * expected.abs().max(1.0), "{wt:?}: {one} vs {expected}");
             }
@@ -785,10 +537,6 @@ mod tests {
 
     #[test]
     fn kernels_agree_with_candle_and_the_reference() {
-        check::<BlockQ8_0>(WeightType::Q8_0, 576);
-        check::<BlockQ4_1>(WeightType::Q4_1, 576);
-        check::<BlockQ5_0>(WeightType::Q5_0, 896);
-        check::<BlockQ8_0>(WeightType::Q8_0, 64);
         check::<BlockQ4K>(WeightType::Q4K, 512);
         check::<BlockQ6K>(WeightType::Q6K, 512);
     }

@@ -143,19 +143,10 @@ pub fn quantize_row(act: ActType, x: &[f32], out: &mut [u8]) {
             let blocks = cols / 32;
             let scales_at = act.scales_at(cols);
             for (b, xs) in x.chunks_exact(32).enumerate() {
-                let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let d = amax / 127.0;
-                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                let (values, rest) = out.split_at_mut(cols);
+                let abs = (act == ActType::Q8_0).then(|| &mut rest[b * 32..b * 32 + 32]);
+                let (d, sum) = quantize_block(xs, &mut values[b * 32..b * 32 + 32], abs);
                 let dh = f16::from_f32(d);
-                let mut sum = 0i32;
-                for (j, v) in xs.iter().enumerate() {
-                    let q = (v * id).round() as i8;
-                    out[b * 32 + j] = q as u8;
-                    if act == ActType::Q8_0 {
-                        out[cols + b * 32 + j] = q.unsigned_abs();
-                    }
-                    sum += q as i32;
-                }
                 let at = scales_at + b * 4;
                 out[at..at + 4].copy_from_slice(&dh.to_f32().to_le_bytes());
                 let offset = if act == ActType::Q8_1 {
@@ -180,6 +171,37 @@ pub fn quantize_row(act: ActType, x: &[f32], out: &mut [u8]) {
             }
         }
     }
+}
+
+/// Quantizes 32 values to i8 with the scale `max |x| / 127` (rounding half
+/// away from zero, as ggml's reference quantizer), optionally also writing
+/// their absolute values; returns the scale and the values' sum.
+#[inline]
+fn quantize_block(xs: &[f32], q: &mut [u8], abs: Option<&mut [u8]>) -> (f32, i32) {
+    assert!(xs.len() == 32 && q.len() == 32 && abs.as_ref().is_none_or(|a| a.len() == 32));
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))]
+    // SAFETY: the build enables AVX2; the lengths were checked above.
+    unsafe {
+        return avx2::quantize_block(xs.as_ptr(), q.as_mut_ptr(), abs.map(|a| a.as_mut_ptr()));
+    }
+    #[allow(unreachable_code)]
+    quantize_block_portable(xs, q, abs)
+}
+
+fn quantize_block_portable(xs: &[f32], q: &mut [u8], mut abs: Option<&mut [u8]>) -> (f32, i32) {
+    let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut sum = 0i32;
+    for (j, v) in xs.iter().enumerate() {
+        let value = (v * id).round() as i8;
+        q[j] = value as u8;
+        if let Some(abs) = abs.as_mut() {
+            abs[j] = value.unsigned_abs();
+        }
+        sum += value as i32;
+    }
+    (d, sum)
 }
 
 /// Bytes per Q8K block of the pair sums that follow the blocks in a row.
@@ -284,6 +306,44 @@ pub(super) mod avx2 {
     #[inline(always)]
     unsafe fn float(p: *const u8) -> f32 {
         (p as *const f32).read_unaligned()
+    }
+
+    /// See [`super::quantize_block`]: the same values as its portable path.
+    #[inline(always)]
+    pub unsafe fn quantize_block(xs: *const f32, q: *mut u8, abs: Option<*mut u8>) -> (f32, i32) {
+        let sign = _mm256_set1_ps(-0.0);
+        let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(xs.add(8 * i)));
+        let mut m = _mm256_andnot_ps(sign, v[0]);
+        for x in &v[1..] {
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, *x));
+        }
+        let m = _mm_max_ps(_mm256_extractf128_ps(m, 1), _mm256_castps256_ps128(m));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+        let d = amax / 127.0;
+        let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+        let (half, one) = (_mm256_set1_ps(0.5), _mm256_set1_ps(1.0));
+        let ints = v.map(|x| {
+            let scaled = _mm256_mul_ps(x, id);
+            // Round half away from zero: truncate, then step away from zero
+            // where the dropped fraction is at least a half.
+            let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(scaled);
+            let away = _mm256_cmp_ps::<_CMP_GE_OQ>(_mm256_andnot_ps(sign, _mm256_sub_ps(scaled, t)), half);
+            let step = _mm256_or_ps(_mm256_and_ps(scaled, sign), one);
+            _mm256_cvtps_epi32(_mm256_add_ps(t, _mm256_and_ps(away, step)))
+        });
+        let sums = _mm256_add_epi32(_mm256_add_epi32(ints[0], ints[1]), _mm256_add_epi32(ints[2], ints[3]));
+        let sums = _mm_add_epi32(_mm256_extracti128_si256(sums, 1), _mm256_castsi256_si128(sums));
+        let sums = _mm_hadd_epi32(sums, sums);
+        let sum = _mm_cvtsi128_si32(_mm_hadd_epi32(sums, sums));
+        // Packing works within 128-bit lanes; the permutation restores the order.
+        let words = _mm256_packs_epi16(_mm256_packs_epi32(ints[0], ints[1]), _mm256_packs_epi32(ints[2], ints[3]));
+        let bytes = _mm256_permutevar8x32_epi32(words, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(q as *mut __m256i, bytes);
+        if let Some(abs) = abs {
+            _mm256_storeu_si256(abs as *mut __m256i, _mm256_abs_epi8(bytes));
+        }
+        (d, sum)
     }
 
     /// Offsets within candle's blocks (`#[repr(C)]`): BlockQ4K is d, dmin,
@@ -532,6 +592,22 @@ mod tests {
             for expected in [reference[i], candle_dot] {
                 assert!((one - expected).abs() <= 1e-4 * expected.abs().max(1.0), "{wt:?}: {one} vs {expected}");
             }
+        }
+    }
+
+    #[test]
+    fn block_quantizers_agree_on_every_value_and_tie() {
+        // 127 makes the scale 1, so the halves below are exact ties.
+        let mut cases = vec![random(32, 7), random(32, 8), vec![0.0; 32]];
+        let mut ties: Vec<f32> = (0..31).map(|i| i as f32 * 0.5 - 7.5).collect();
+        ties.push(-127.0);
+        cases.push(ties);
+        cases.push((0..32).map(|i| (i as f32 - 16.0) * 1e-3 + 0.5e-3).collect());
+        for xs in cases {
+            let (mut q1, mut q2, mut a1, mut a2) = ([0u8; 32], [0u8; 32], [0u8; 32], [0u8; 32]);
+            let simd = quantize_block(&xs, &mut q1, Some(&mut a1));
+            let portable = quantize_block_portable(&xs, &mut q2, Some(&mut a2));
+            assert_eq!((simd.0.to_bits(), simd.1, q1, a1), (portable.0.to_bits(), portable.1, q2, a2), "{xs:?}");
         }
     }
 

@@ -38,8 +38,8 @@ pub enum NativeError {
 }
 
 /// A weight matrix as its GGUF blocks: `rows` rows of `cols` values each,
-/// stored in units of one row (f32, k-quants) or of a group of rows (the
-/// 32-wide types, see [`grouped`]; the last group padded with zero rows).
+/// stored in units of one row (f32) or of a group of rows (the quantized
+/// types, see [`grouped`]; the last group padded with zero rows).
 pub struct Weight {
     wt: WeightType,
     rows: usize,
@@ -127,7 +127,7 @@ impl Weight {
 
     fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         if self.unit_rows == 1 {
-            quant::dequantize_row(self.wt, self.unit(r), out);
+            quant::dequantize_row(self.unit(r), out);
         } else {
             grouped::dequantize_row(self.wt, self.unit(r / self.unit_rows), r % self.unit_rows, out);
         }
@@ -711,15 +711,7 @@ fn matmul_part(w: &Weight, acts: &Acts, rows: usize, range: std::ops::Range<usiz
             let r = part.sweep_groups::<2>(r, rows);
             part.sweep_groups::<1>(r, rows);
         } else {
-            // Tile shapes, measured (ns per block pair, in cache): a tile
-            // decodes each of its weight blocks once for all its activation
-            // rows, which pays for the k-quants' unpacked scales (Q4_K 1×8:
-            // 0.73, 4×2: 0.95). A decode row meets the weights row by row,
-            // which streams from memory best (Qwen2.5: 42 → 49 tok/s).
-            let r = part.sweep::<1, 8>(0, rows);
-            let r = part.sweep::<1, 4>(r, rows);
-            let r = part.sweep::<4, 2>(r, rows);
-            part.sweep::<1, 1>(r, rows);
+            part.sweep_rows(rows);
         }
         start = end;
     }
@@ -746,48 +738,25 @@ impl Part<'_> {
         unsafe { self.out.part(r * w.rows + o..r * w.rows + o + 1)[0] = v }
     }
 
-    /// Multiplies the panel of rows with activation rows from `r` on, `M` at
-    /// a time, in tiles of `R` weight rows (then single rows); returns the
-    /// first activation row left over.
-    fn sweep<const R: usize, const M: usize>(&self, mut r: usize, rows: usize) -> usize {
-        let (w, act) = (self.w, self.w.wt.activation());
-        while r + M <= rows {
-            let a: [&[u8]; M] = std::array::from_fn(|m| self.acts.row(act, r + m));
-            // The first pass over a panel streams its rows from memory: each
-            // tile asks for the bytes of a tile about `PREFETCH_BYTES` ahead
-            // while it computes. A tile reads its rows in many short
-            // interleaved runs, which the hardware prefetchers miss.
-            let first_pass = r == 0;
-            let ahead = PREFETCH_BYTES.div_ceil(R * w.unit_bytes) * R;
-            let mut o = self.panel.start;
-            while o + R <= self.panel.end {
-                if first_pass && o + ahead + R <= self.limit {
-                    prefetch(&w.data.bytes()[(o + ahead) * w.unit_bytes..(o + ahead + R) * w.unit_bytes]);
-                }
-                let d = quant::dot::<R, M>(w.wt, std::array::from_fn(|i| w.unit(o + i)), a, w.cols);
-                for (i, row) in d.iter().enumerate() {
-                    for (m, v) in row.iter().enumerate() {
-                        self.put(r + m, o + i, *v);
-                    }
-                }
-                o += R;
+    /// Multiplies the panel of f32 rows with every activation row.
+    fn sweep_rows(&self, rows: usize) {
+        let w = self.w;
+        for r in 0..rows {
+            let a = self.acts.row(ActType::F32, r);
+            for o in self.panel.clone() {
+                self.put(r, o, quant::dot_f32(w.unit(o), [a])[0]);
             }
-            for o in o..self.panel.end {
-                for (m, v) in quant::dot::<1, M>(w.wt, [w.unit(o)], a, w.cols)[0].iter().enumerate() {
-                    self.put(r + m, o, *v);
-                }
-            }
-            r += M;
         }
-        r
     }
 
-    /// As [`Part::sweep`] for a grouped matrix: each group of the panel meets
-    /// activation rows from `r` on, `M` at a time.
+    /// Multiplies each group of the panel with activation rows from `r` on,
+    /// `M` at a time; returns the first activation row left over.
     fn sweep_groups<const M: usize>(&self, mut r: usize, rows: usize) -> usize {
         let (w, act) = (self.w, self.w.wt.activation());
         while r + M <= rows {
             let a: [&[u8]; M] = std::array::from_fn(|m| self.acts.row(act, r + m));
+            // The first pass over a panel streams its groups from memory;
+            // each asks for the next while it computes.
             let first_pass = r == 0;
             let ahead = PREFETCH_BYTES.div_ceil(w.unit_bytes);
             for g in self.panel.clone() {

@@ -705,11 +705,13 @@ fn matmul_part(w: &Weight, acts: &Acts, rows: usize, range: std::ops::Range<usiz
         let end = (start + panel).min(range.end);
         let part = Part { w, acts, out, panel: start..end, limit: range.end };
         if w.unit_rows > 1 {
-            // A group meets four activation rows at a time: the broadcast
-            // activations and the 16-bit sums of four rows stay in registers.
-            let r = part.sweep_groups::<4>(0, rows);
-            let r = part.sweep_groups::<2>(r, rows);
-            part.sweep_groups::<1>(r, rows);
+            // Up to eight activation rows meet each group while it is in L1
+            // (a decode step of eight streams reads its weights once, at half
+            // the bandwidth two passes would need); the panel stays in L2 for
+            // the next eight.
+            for first in (0..rows).step_by(ACTIVATION_ROWS_PER_GROUP) {
+                part.sweep_groups(first..(first + ACTIVATION_ROWS_PER_GROUP).min(rows));
+            }
         } else {
             part.sweep_rows(rows);
         }
@@ -717,8 +719,11 @@ fn matmul_part(w: &Weight, acts: &Acts, rows: usize, range: std::ops::Range<usiz
     }
 }
 
-/// How far ahead of the tile in hand the weight rows are prefetched.
+/// How far ahead of the group in hand the weights are prefetched.
 const PREFETCH_BYTES: usize = 2048;
+
+/// Activation rows that meet a group before the next group.
+const ACTIVATION_ROWS_PER_GROUP: usize = 8;
 
 /// One thread's panel of weight units in a matrix product.
 struct Part<'a> {
@@ -749,33 +754,48 @@ impl Part<'_> {
         }
     }
 
-    /// Multiplies each group of the panel with activation rows from `r` on,
-    /// `M` at a time; returns the first activation row left over.
-    fn sweep_groups<const M: usize>(&self, mut r: usize, rows: usize) -> usize {
-        let (w, act) = (self.w, self.w.wt.activation());
-        while r + M <= rows {
-            let a: [&[u8]; M] = std::array::from_fn(|m| self.acts.row(act, r + m));
-            // The first pass over a panel streams its groups from memory;
-            // each asks for the next while it computes.
-            let first_pass = r == 0;
-            let ahead = PREFETCH_BYTES.div_ceil(w.unit_bytes);
-            for g in self.panel.clone() {
-                if first_pass && g + ahead < self.limit {
-                    prefetch(w.unit(g + ahead));
-                }
-                let d = grouped::dot::<M>(w.wt, w.unit(g), a, w.cols);
-                for (m, values) in d.iter().enumerate() {
-                    for (j, v) in values.iter().enumerate() {
-                        let o = g * grouped::GROUP + j;
-                        if o < w.rows {
-                            self.put(r + m, o, *v);
-                        }
-                    }
+    /// Multiplies each group of the panel with activation rows `acts`, four at
+    /// a time (the broadcast activations and the 16-bit sums of four rows stay
+    /// in registers), then two, then one.
+    fn sweep_groups(&self, acts: std::ops::Range<usize>) {
+        let w = self.w;
+        // The first pass over a panel streams its groups from memory; each
+        // asks for the next while it computes.
+        let first_pass = acts.start == 0;
+        let ahead = PREFETCH_BYTES.div_ceil(w.unit_bytes);
+        for g in self.panel.clone() {
+            if first_pass && g + ahead < self.limit {
+                prefetch(w.unit(g + ahead));
+            }
+            let mut r = acts.start;
+            while r + 4 <= acts.end {
+                self.group_tile::<4>(g, r);
+                r += 4;
+            }
+            if r + 2 <= acts.end {
+                self.group_tile::<2>(g, r);
+                r += 2;
+            }
+            if r < acts.end {
+                self.group_tile::<1>(g, r);
+            }
+        }
+    }
+
+    /// Group `g` times activation rows `r..r + M`.
+    #[inline(always)]
+    fn group_tile<const M: usize>(&self, g: usize, r: usize) {
+        let w = self.w;
+        let a: [&[u8]; M] = std::array::from_fn(|m| self.acts.row(w.wt.activation(), r + m));
+        let d = grouped::dot::<M>(w.wt, w.unit(g), a, w.cols);
+        for (m, values) in d.iter().enumerate() {
+            for (j, v) in values.iter().enumerate() {
+                let o = g * grouped::GROUP + j;
+                if o < w.rows {
+                    self.put(r + m, o, *v);
                 }
             }
-            r += M;
         }
-        r
     }
 }
 

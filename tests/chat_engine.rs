@@ -83,7 +83,7 @@ fn teacher_forced(path: &PathBuf, prompt: &str, noise_every: usize) {
     let mut cache = KvCache::new(&native.config, 1, 4096, KvCacheType::F16);
     let (mut stock, _) = model::load(path, &Device::Cpu).unwrap();
     let (mut stock_whole, _) = model::load(path, &Device::Cpu).unwrap();
-    let mut logits = |model: &mut model::Model, tokens: &[u32], pos: usize| {
+    let logits = |model: &mut model::Model, tokens: &[u32], pos: usize| {
         model.forward(tokens, pos, &Device::Cpu).unwrap().to_vec1::<f32>().unwrap()
     };
 

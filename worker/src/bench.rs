@@ -145,6 +145,11 @@ pub enum BenchError {
     Engine(String),
 }
 
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
 pub fn run(args: &BenchArgs, loaded: &Loaded) -> Result<(), BenchError> {
     let (entry, path) = fetched_model(loaded, args.model.as_deref(), JobKind::Chat)?;
     let window =
@@ -205,12 +210,26 @@ pub fn run(args: &BenchArgs, loaded: &Loaded) -> Result<(), BenchError> {
                 engine.generate(&input, &|| false, &mut |_| {}).map_err(|e| BenchError::Engine(e.to_string()))?;
             Ok((done.metrics.prompt_tokens, done.metrics.decode_tokens_per_s.unwrap_or(0.0)))
         };
-        let f16: Vec<(u32, f64)> = depths.iter().map(|&d| decode(&mut engine, d)).collect::<Result<_, _>>()?;
+        // The depths take turns, `runs` rounds, and each reports its median:
+        // on a shared machine the speed drifts over seconds, and a ratio of
+        // two depths measured minutes apart would mostly measure the drift.
+        let rounds = |engine: &mut ChatEngine| -> Result<Vec<(u32, f64)>, BenchError> {
+            let mut rates = vec![Vec::new(); depths.len()];
+            let mut tokens = vec![0; depths.len()];
+            for _ in 0..args.runs.max(1) {
+                for (i, &d) in depths.iter().enumerate() {
+                    let (prompt, rate) = decode(engine, d)?;
+                    tokens[i] = prompt;
+                    rates[i].push(rate);
+                }
+            }
+            Ok(tokens.into_iter().zip(rates.into_iter().map(median)).collect())
+        };
+        let f16 = rounds(&mut engine)?;
         let q8: Option<Vec<f64>> = if engine.is_native() {
             drop(engine);
             let mut q8 = load_with(1, KvCacheType::Q8)?;
-            let rates = depths.iter().map(|&d| decode(&mut q8, d).map(|(_, rate)| rate)).collect::<Result<_, _>>()?;
-            Some(rates)
+            Some(rounds(&mut q8)?.into_iter().map(|(_, rate)| rate).collect())
         } else {
             drop(engine);
             None

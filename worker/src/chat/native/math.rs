@@ -200,6 +200,70 @@ fn scores_unscaled<T: KvValue>(q: &[f32], heads: usize, keys: &[T], scale: f32, 
     }
 }
 
+/// [`grouped_scores`] for i8 keys, in integers: each query head is quantized to
+/// i8 in blocks of 32 (one scale per block, as llama.cpp's Q8_0) and meets the
+/// keys with 8-bit multiply-adds, half the multiplies of widening every key to
+/// f32, so a long context costs little more than reading its half-size cache.
+/// Head sizes that are not a multiple of 32 take the f32 path.
+pub fn grouped_scores_i8(q: &[f32], heads: usize, keys: &[i8], key_scales: &[f32], scale: f32, scores: &mut [f32]) {
+    let hd = q.len() / heads;
+    if !hd.is_multiple_of(32) || hd * heads > MAX_QUERY {
+        return grouped_scores(q, heads, keys, Some(key_scales), scale, scores);
+    }
+    let n = scores.len() / heads;
+    assert!(keys.len() >= n * hd && key_scales.len() >= n && scores.len() == n * heads);
+    let mut qi = [0i8; MAX_QUERY];
+    let mut qs = [0f32; MAX_QUERY / 32];
+    for (b, (x, o)) in q.chunks_exact(32).zip(qi.chunks_exact_mut(32)).enumerate() {
+        qs[b] = to_i8(x, o);
+    }
+    let blocks = hd / 32;
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "f16c", target_feature = "fma"))]
+    // SAFETY: the build enables AVX2/FMA; lengths were checked above.
+    unsafe {
+        return match blocks {
+            1 => simd::scores_i8::<1>(&qi, &qs, heads, keys, key_scales, scale, scores),
+            2 => simd::scores_i8::<2>(&qi, &qs, heads, keys, key_scales, scale, scores),
+            4 => simd::scores_i8::<4>(&qi, &qs, heads, keys, key_scales, scale, scores),
+            _ => scores_i8_portable(&qi, &qs, heads, blocks, keys, key_scales, scale, scores, 0),
+        };
+    }
+    #[allow(unreachable_code)]
+    scores_i8_portable(&qi, &qs, heads, blocks, keys, key_scales, scale, scores, 0)
+}
+
+/// The longest run of query heads [`grouped_scores_i8`] quantizes at once.
+const MAX_QUERY: usize = 3 * 128;
+
+/// [`grouped_scores_i8`] for keys `from..n`, one at a time, with the same
+/// operations in the same order as the SIMD kernel.
+#[allow(clippy::too_many_arguments)]
+fn scores_i8_portable(
+    qi: &[i8],
+    qs: &[f32],
+    heads: usize,
+    blocks: usize,
+    keys: &[i8],
+    key_scales: &[f32],
+    scale: f32,
+    scores: &mut [f32],
+    from: usize,
+) {
+    let hd = blocks * 32;
+    let n = scores.len() / heads;
+    for s in 0..heads {
+        for j in from..n {
+            let mut acc = 0f32;
+            for b in 0..blocks {
+                let (x, k) = (&qi[s * hd + b * 32..][..32], &keys[j * hd + b * 32..][..32]);
+                let dot: i32 = x.iter().zip(k).map(|(&a, &b)| a as i32 * b as i32).sum();
+                acc = (dot as f32).mul_add(qs[s * blocks + b], acc);
+            }
+            scores[s * n + j] = acc * (key_scales[j] * scale);
+        }
+    }
+}
+
 /// `out[s] = Σ_j weights[s * n + j] * v_j` for `heads` heads sharing the `n`
 /// values stored one after another; `out` holds the heads one after another.
 /// (An i8 cache's value scales are folded into the weights beforehand.)
@@ -299,6 +363,53 @@ mod simd {
         }
     }
 
+    /// Eight keys at a time: per key and block, |k| times q with k's signs in
+    /// 8-bit multiply-adds, widened to 32 bits, then the eight keys' lanes
+    /// summed into one vector of eight dot products.
+    pub unsafe fn scores_i8<const B: usize>(
+        qi: &[i8],
+        qs: &[f32],
+        heads: usize,
+        keys: &[i8],
+        key_scales: &[f32],
+        scale: f32,
+        scores: &mut [f32],
+    ) {
+        let hd = B * 32;
+        let n = scores.len() / heads;
+        let (k, out) = (keys.as_ptr(), scores.as_mut_ptr());
+        let ones = _mm256_set1_epi16(1);
+        let scale8 = _mm256_set1_ps(scale);
+        let mut j = 0;
+        while j + 8 <= n {
+            for s in 0..heads {
+                let mut acc = _mm256_setzero_ps();
+                for b in 0..B {
+                    let x = _mm256_loadu_si256(qi.as_ptr().add(s * hd + b * 32) as *const __m256i);
+                    let dots: [__m256i; 8] = std::array::from_fn(|i| {
+                        let kv = _mm256_loadu_si256(k.add((j + i) * hd + b * 32) as *const __m256i);
+                        let p = _mm256_maddubs_epi16(_mm256_abs_epi8(kv), _mm256_sign_epi8(x, kv));
+                        _mm256_madd_epi16(p, ones)
+                    });
+                    let sums = sum_lanes8(dots);
+                    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(qs[s * B + b]), acc);
+                }
+                let ks = _mm256_mul_ps(_mm256_loadu_ps(key_scales.as_ptr().add(j)), scale8);
+                _mm256_storeu_ps(out.add(s * n + j), _mm256_mul_ps(acc, ks));
+            }
+            j += 8;
+        }
+        super::scores_i8_portable(qi, qs, heads, B, keys, key_scales, scale, scores, j);
+    }
+
+    /// Lane `i` of the result is the sum of the eight lanes of `v[i]`.
+    #[inline(always)]
+    unsafe fn sum_lanes8(v: [__m256i; 8]) -> __m256i {
+        let ab = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+        let cd = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+        _mm256_add_epi32(_mm256_permute2x128_si256::<0x20>(ab, cd), _mm256_permute2x128_si256::<0x31>(ab, cd))
+    }
+
     /// Half a head's values at a time (`HALF` groups of 8), so the sums of all
     /// `S` heads stay in registers; each value is widened once for all heads.
     pub unsafe fn values<T: KvValue, const HALF: usize, const S: usize>(
@@ -390,13 +501,32 @@ mod tests {
             let (mut exact, mut small) = (vec![0f32; n * heads], vec![0f32; n * heads]);
             grouped_scores(&q, heads, &bits, None, 0.5, &mut exact);
             grouped_scores(&q, heads, &ints, Some(&scales), 0.5, &mut small);
+            let mut integer = vec![0f32; n * heads];
+            grouped_scores_i8(&q, heads, &ints, &scales, 0.5, &mut integer);
             for (i, (a, b)) in exact.iter().zip(&small).enumerate() {
                 // Each key value is off by at most half its step (scale), so the
                 // score by at most half a step per |q| (times the 0.5 scale).
                 let (s, j) = (i / n, i % n);
-                let q_abs: f32 = q[s * hd..(s + 1) * hd].iter().map(|v| v.abs()).sum();
+                let qh = &q[s * hd..(s + 1) * hd];
+                let q_abs: f32 = qh.iter().map(|v| v.abs()).sum();
                 let bound = 0.5 * q_abs * scales[j] / 2.0 + 1e-4;
                 assert!((a - b).abs() <= bound, "hd {hd}: {a} vs {b}, bound {bound}");
+                // The integer path also rounds q, each value by at most half its
+                // block's step, which meets at most |k| per value.
+                let k_abs: f32 = keys[j * hd..(j + 1) * hd].iter().map(|v| v.abs()).sum();
+                let q_step =
+                    qh.chunks(32).map(|c| c.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0).fold(0f32, f32::max);
+                let bound = bound + 0.5 * k_abs * q_step / 2.0 * 1.01;
+                let c = integer[i];
+                assert!((a - c).abs() <= bound, "hd {hd}, integer path: {a} vs {c}, bound {bound}");
+                if hd % 32 == 0 {
+                    let mut one = vec![0f32; n * heads];
+                    let mut qi = vec![0i8; hd * heads];
+                    let qs: Vec<f32> =
+                        q.chunks_exact(32).zip(qi.chunks_exact_mut(32)).map(|(x, o)| to_i8(x, o)).collect();
+                    scores_i8_portable(&qi, &qs, heads, hd / 32, &ints, &scales, 0.5, &mut one, 0);
+                    assert_eq!(one[i].to_bits(), c.to_bits(), "hd {hd}: SIMD and portable integer scores differ");
+                }
             }
             let weights: Vec<f32> = (0..n * heads).map(|j| 1.0 / (j as f32 + 1.0)).collect();
             let scaled: Vec<f32> =

@@ -22,6 +22,7 @@ use natter_shared::config::KvCacheType;
 use quant::{ActType, WeightType};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use team::{share, Shards, Team};
 
@@ -674,27 +675,45 @@ fn quantize<'a>(team: &Team, bufs: &'a mut [Vec<u64>; 4], x: &[f32], cols: usize
 /// activation rows, sized so they stay in L2 while every activation row meets them.
 const WEIGHT_PANEL_BYTES: usize = 96 * 1024;
 
-/// `out[r][o] = w.row(o) · x[r]` for each (weight, output) pair, all pairs split
-/// over the team by weight rows as one job (in whole groups).
+/// `out[r][o] = w.row(o) · x[r]` for each (weight, output) pair, all pairs as
+/// one job that the team takes in chunks of rows from a shared cursor.
+///
+/// Why chunks rather than a fixed share per thread: the threads of a small VM
+/// do not run at one speed (the memory bus, the hypervisor), and with fixed
+/// shares every product waits for the slowest; a thread that falls behind here
+/// simply takes fewer chunks. Chunks are whole groups, so each output is still
+/// computed by the same operations wherever it runs.
 fn matmul(team: &Team, acts: &Acts, rows: usize, jobs: &mut [(&Weight, &mut [f32])]) {
     // Every matrix counts with its rows rounded up to a whole group, so each
-    // thread's share starts on a group boundary in every matrix.
+    // chunk starts on a group boundary in every matrix.
     let padded = |w: &Weight| w.rows.next_multiple_of(grouped::GROUP);
     let total: usize = jobs.iter().map(|(w, _)| padded(w)).sum();
+    let row_bytes = jobs.iter().map(|(w, _)| w.unit_bytes / w.unit_rows).max().unwrap_or(1);
+    let chunk = (MATMUL_CHUNK_BYTES / row_bytes).next_multiple_of(grouped::GROUP).max(grouped::GROUP);
     let outs: Vec<(&Weight, Shards<f32>)> = jobs.iter_mut().map(|(w, out)| (*w, Shards::new(&mut out[..]))).collect();
-    team.run(&|id| {
-        let mine = share(total, id, team.size(), grouped::GROUP);
+    let cursor = AtomicUsize::new(0);
+    team.run(&|_| loop {
+        let start = cursor.fetch_add(chunk, Ordering::Relaxed);
+        if start >= total {
+            break;
+        }
+        let end = (start + chunk).min(total);
         let mut base = 0;
         for (w, out) in &outs {
-            let (start, end) = (mine.start.max(base), mine.end.min(base + padded(w)));
-            if start < end {
-                let units = (start - base) / w.unit_rows..((end - base).min(w.padded_rows())) / w.unit_rows;
+            let (from, to) = (start.max(base), end.min(base + padded(w)));
+            if from < to {
+                let units = (from - base) / w.unit_rows..((to - base).min(w.padded_rows())).div_ceil(w.unit_rows);
                 matmul_part(w, acts, rows, units, out);
             }
             base += padded(w);
         }
     });
 }
+
+/// Weight bytes a thread takes from the shared cursor at a time: enough that
+/// taking a chunk costs nothing beside working through it, few enough that the
+/// threads finish a product together.
+const MATMUL_CHUNK_BYTES: usize = 32 * 1024;
 
 /// One thread's units (rows or groups) `range` of `w` against all `rows`
 /// activation rows, a panel of units at a time.
@@ -703,7 +722,7 @@ fn matmul_part(w: &Weight, acts: &Acts, rows: usize, range: std::ops::Range<usiz
     let mut start = range.start;
     while start < range.end {
         let end = (start + panel).min(range.end);
-        let part = Part { w, acts, out, panel: start..end, limit: range.end };
+        let part = Part { w, acts, out, panel: start..end };
         if w.unit_rows > 1 {
             // Up to eight activation rows meet each group while it is in L1
             // (a decode step of eight streams reads its weights once, at half
@@ -719,9 +738,6 @@ fn matmul_part(w: &Weight, acts: &Acts, rows: usize, range: std::ops::Range<usiz
     }
 }
 
-/// How far ahead of the group in hand the weights are prefetched.
-const PREFETCH_BYTES: usize = 2048;
-
 /// Activation rows that meet a group before the next group.
 const ACTIVATION_ROWS_PER_GROUP: usize = 8;
 
@@ -731,8 +747,6 @@ struct Part<'a> {
     acts: &'a Acts<'a>,
     out: &'a Shards<'a, f32>,
     panel: std::ops::Range<usize>,
-    /// The end of the thread's units: prefetches stay within them.
-    limit: usize,
 }
 
 impl Part<'_> {
@@ -758,15 +772,7 @@ impl Part<'_> {
     /// a time (the broadcast activations and the 16-bit sums of four rows stay
     /// in registers), then two, then one.
     fn sweep_groups(&self, acts: std::ops::Range<usize>) {
-        let w = self.w;
-        // The first pass over a panel streams its groups from memory; each
-        // asks for the next while it computes.
-        let first_pass = acts.start == 0;
-        let ahead = PREFETCH_BYTES.div_ceil(w.unit_bytes);
         for g in self.panel.clone() {
-            if first_pass && g + ahead < self.limit {
-                prefetch(w.unit(g + ahead));
-            }
             let mut r = acts.start;
             while r + 4 <= acts.end {
                 self.group_tile::<4>(g, r);
@@ -796,16 +802,6 @@ impl Part<'_> {
                 }
             }
         }
-    }
-}
-
-/// Asks for `bytes` to be brought into the cache ahead of use.
-#[inline(always)]
-fn prefetch(bytes: &[u8]) {
-    #[cfg(target_arch = "x86_64")]
-    for line in bytes.chunks(64) {
-        // SAFETY: a prefetch has no architectural effect; the address is in bounds.
-        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line.as_ptr().cast()) };
     }
 }
 
@@ -873,7 +869,7 @@ fn attention(
                     }
                     KvStore::Q8 { k, v, k_scales, v_scales } => {
                         let keys = &k[base * hd..(base + n) * hd];
-                        math::grouped_scores(q, heads, keys, Some(&k_scales[base..base + n]), scale, &mut scores);
+                        math::grouped_scores_i8(q, heads, keys, &k_scales[base..base + n], scale, &mut scores);
                         (KvSlice::Q8(&v[base * hd..(base + n) * hd]), Some(&v_scales[base..base + n]))
                     }
                 };

@@ -117,7 +117,7 @@ async fn http_errors_use_openai_shapes_and_honest_codes() {
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["type"], "invalid_request_error");
 
-    // Too long for the tiny model's 256-token window: the worker says so, the
+    // Too long for the tiny model's 512-token window: the worker says so, the
     // streaming request gets a real 400 before any chunk.
     let long = json!([{ "role": "user", "content": "word ".repeat(600) }]);
     let (status, body) = post(json!({ "model": TINY_MODEL, "messages": long, "stream": true })).await;

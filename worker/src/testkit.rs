@@ -27,7 +27,7 @@ fn byte_chars() -> Vec<char> {
         .collect()
 }
 
-pub const TINY_CONTEXT: u32 = 256;
+pub const TINY_CONTEXT: u32 = 512;
 
 /// Writes a two-layer llama GGUF with random weights (fixed seed), a byte-level
 /// BPE vocab with ChatML specials, the smollm pre-tokenizer tag and a ChatML

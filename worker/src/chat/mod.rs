@@ -641,12 +641,13 @@ mod tests {
         for path in paths {
             let (content, _) = model::read_content(&path).unwrap();
             let mut native = NativeModel::load(&path, &content, 2).unwrap();
-            let mut cache = KvCache::new(&native.config, 1, 64, KvCacheType::F16);
+            // Past the first KV page (256 positions), in the second slot.
+            let mut cache = KvCache::new(&native.config, 2, 300, KvCacheType::F16);
             let (mut stock, _) = model::load(&path, &Device::Cpu).unwrap();
-            for pos in 0..40 {
+            for pos in 0..300 {
                 let token = (pos as u32 * 7 + 3) % 250;
                 let mut ours = Vec::new();
-                native.forward(&[Row { slot: 0, pos, token, logits: true }], &mut cache, &mut ours);
+                native.forward(&[Row { slot: 1, pos, token, logits: true }], &mut cache, &mut ours);
                 let theirs = stock.forward(&[token], pos, &Device::Cpu).unwrap().to_vec1::<f32>().unwrap();
                 let scale = theirs.iter().fold(0f32, |m, v| m.max(v.abs()));
                 let diff = ours.iter().zip(&theirs).fold(0f32, |m, (a, b)| m.max((a - b).abs()));

@@ -184,43 +184,102 @@ pub struct Row {
 }
 
 /// Keys and values for `slots` sequences of up to `window` positions each, as
-/// f16, allocated once. Zeroed allocation leaves untouched pages uncommitted,
-/// so memory grows with the positions actually used.
+/// f16 or i8, allocated once and written in place. Memory is committed only
+/// where positions are written, so it grows with the positions actually used.
 pub struct KvCache {
     slots: usize,
     window: usize,
+    /// Pages of [`KV_PAGE`] positions per slot.
+    pages: usize,
     layers: usize,
     kv_heads: usize,
     head_dim: usize,
     store: KvStore,
 }
 
-/// Keys and values at `[slot][layer][kv head][position][head_dim]`.
+/// Positions per KV page. A slot's positions are stored a page at a time, each
+/// page holding every layer and head: a sequence's memory then grows a page at
+/// a time on huge pages (a layer-major layout would commit the whole slot at
+/// its first token, since one huge page would span the start of many heads).
+/// Equal to [`ATTENTION_CHUNK`], so each attention item reads one contiguous
+/// run of keys and one of values.
+const KV_PAGE: usize = ATTENTION_CHUNK;
+
+/// Keys and values at `[slot][page][layer][kv head][position in page][head_dim]`.
 enum KvStore {
     F16 {
-        k: Vec<u16>,
-        v: Vec<u16>,
+        k: KvArray<u16>,
+        v: KvArray<u16>,
     },
     /// i8 values with one scale per (slot, layer, kv head, position).
     Q8 {
-        k: Vec<i8>,
-        v: Vec<i8>,
+        k: KvArray<i8>,
+        v: KvArray<i8>,
         k_scales: Vec<f32>,
         v_scales: Vec<f32>,
     },
 }
 
+/// A zeroed array that starts on a 2 MiB boundary and asks for transparent
+/// huge pages. Attention streams megabytes of keys and values per token, and on
+/// 4 KiB pages the prefetchers stop and the TLB misses every 4 KiB. The array
+/// comes zeroed from the system allocator (calloc of a fresh mapping), so
+/// nothing is touched, and nothing committed, before a position is written.
+struct KvArray<T> {
+    buf: Vec<T>,
+    start: usize,
+    len: usize,
+}
+
+impl<T: Copy + Default> KvArray<T> {
+    fn zeroed(len: usize) -> KvArray<T> {
+        let size = std::mem::size_of::<T>();
+        let buf = vec![T::default(); len + HUGE_PAGE / size];
+        let addr = buf.as_ptr() as usize;
+        let start = (addr.next_multiple_of(HUGE_PAGE) - addr) / size;
+        #[cfg(target_os = "linux")]
+        if len * size >= HUGE_PAGE {
+            const MADV_HUGEPAGE: std::ffi::c_int = 14;
+            // Before the first touch, so pages fault in huge; refused advice
+            // (THP disabled) leaves small pages, which work the same.
+            // SAFETY: the range lies inside `buf` and starts page-aligned.
+            unsafe { madvise(buf[start..].as_ptr() as *mut _, len * size / HUGE_PAGE * HUGE_PAGE, MADV_HUGEPAGE) };
+        }
+        KvArray { buf, start, len }
+    }
+
+    fn get(&self) -> &[T] {
+        &self.buf[self.start..self.start + self.len]
+    }
+
+    fn get_mut(&mut self) -> &mut [T] {
+        &mut self.buf[self.start..self.start + self.len]
+    }
+}
+
 impl KvCache {
     pub fn new(config: &Config, slots: usize, window: usize, kind: KvCacheType) -> KvCache {
-        let heads = slots * config.layers * config.kv_heads * window;
+        let pages = window.div_ceil(KV_PAGE);
+        let heads = slots * pages * KV_PAGE * config.layers * config.kv_heads;
         let n = heads * config.head_dim;
         let store = match kind {
-            KvCacheType::F16 => KvStore::F16 { k: vec![0; n], v: vec![0; n] },
-            KvCacheType::Q8 => {
-                KvStore::Q8 { k: vec![0; n], v: vec![0; n], k_scales: vec![0.0; heads], v_scales: vec![0.0; heads] }
-            }
+            KvCacheType::F16 => KvStore::F16 { k: KvArray::zeroed(n), v: KvArray::zeroed(n) },
+            KvCacheType::Q8 => KvStore::Q8 {
+                k: KvArray::zeroed(n),
+                v: KvArray::zeroed(n),
+                k_scales: vec![0.0; heads],
+                v_scales: vec![0.0; heads],
+            },
         };
-        KvCache { slots, window, layers: config.layers, kv_heads: config.kv_heads, head_dim: config.head_dim, store }
+        KvCache {
+            slots,
+            window,
+            pages,
+            layers: config.layers,
+            kv_heads: config.kv_heads,
+            head_dim: config.head_dim,
+            store,
+        }
     }
 
     pub fn slots(&self) -> usize {
@@ -234,26 +293,28 @@ impl KvCache {
     /// Bytes the cache may grow to.
     pub fn capacity_bytes(&self) -> usize {
         match &self.store {
-            KvStore::F16 { k, v } => (k.len() + v.len()) * 2,
-            KvStore::Q8 { k, v, k_scales, v_scales } => k.len() + v.len() + (k_scales.len() + v_scales.len()) * 4,
+            KvStore::F16 { k, v } => (k.len + v.len) * 2,
+            KvStore::Q8 { k, v, k_scales, v_scales } => k.len + v.len + (k_scales.len() + v_scales.len()) * 4,
         }
     }
 
-    /// Where position `pos` of a head starts, counted in positions.
+    /// Where position `pos` of a head is stored, counted in positions; the
+    /// positions of one page follow each other.
     fn position(&self, slot: usize, layer: usize, head: usize, pos: usize) -> usize {
-        ((slot * self.layers + layer) * self.kv_heads + head) * self.window + pos
+        let page = slot * self.pages + pos / KV_PAGE;
+        ((page * self.layers + layer) * self.kv_heads + head) * KV_PAGE + pos % KV_PAGE
     }
 
     fn write(&mut self, at: usize, key: &[f32], value: &[f32]) {
         let range = at * self.head_dim..(at + 1) * self.head_dim;
         match &mut self.store {
             KvStore::F16 { k, v } => {
-                math::to_f16_bits(key, &mut k[range.clone()]);
-                math::to_f16_bits(value, &mut v[range]);
+                math::to_f16_bits(key, &mut k.get_mut()[range.clone()]);
+                math::to_f16_bits(value, &mut v.get_mut()[range]);
             }
             KvStore::Q8 { k, v, k_scales, v_scales } => {
-                k_scales[at] = math::to_i8(key, &mut k[range.clone()]);
-                v_scales[at] = math::to_i8(value, &mut v[range]);
+                k_scales[at] = math::to_i8(key, &mut k.get_mut()[range.clone()]);
+                v_scales[at] = math::to_i8(value, &mut v.get_mut()[range]);
             }
         }
     }
@@ -849,10 +910,14 @@ fn attention(
         .collect();
     let at_once = math::heads_at_once(hd);
     let shards = Shards::new(&mut partials[..len]);
-    team.run(&|id| {
+    // Items are taken one at a time from a shared cursor, not in fixed shares:
+    // the two vCPUs here may run at different speeds, and a fixed half would
+    // leave the faster one waiting at the end of every layer.
+    let cursor = AtomicUsize::new(0);
+    team.run(&|_| {
         let mut scores = Vec::with_capacity(at_once * ATTENTION_CHUNK);
         let mut sums = vec![0f32; at_once * hd];
-        for &(i, g, ch) in &items[share(items.len(), id, team.size(), 1)] {
+        while let Some(&(i, g, ch)) = items.get(cursor.fetch_add(1, Ordering::Relaxed)) {
             let r = rows[i];
             let first = ch * ATTENTION_CHUNK;
             let n = (r.pos + 1 - first).min(ATTENTION_CHUNK);
@@ -864,13 +929,13 @@ fn attention(
                 let q = &q[i * c.dim + h * hd..i * c.dim + (h + heads) * hd];
                 let (kv, value_scales) = match &cache.store {
                     KvStore::F16 { k, v } => {
-                        math::grouped_scores(q, heads, &k[base * hd..(base + n) * hd], None, scale, &mut scores);
-                        (KvSlice::F16(&v[base * hd..(base + n) * hd]), None)
+                        math::grouped_scores(q, heads, &k.get()[base * hd..(base + n) * hd], None, scale, &mut scores);
+                        (KvSlice::F16(&v.get()[base * hd..(base + n) * hd]), None)
                     }
                     KvStore::Q8 { k, v, k_scales, v_scales } => {
-                        let keys = &k[base * hd..(base + n) * hd];
+                        let keys = &k.get()[base * hd..(base + n) * hd];
                         math::grouped_scores_i8(q, heads, keys, &k_scales[base..base + n], scale, &mut scores);
-                        (KvSlice::Q8(&v[base * hd..(base + n) * hd]), Some(&v_scales[base..base + n]))
+                        (KvSlice::Q8(&v.get()[base * hd..(base + n) * hd]), Some(&v_scales[base..base + n]))
                     }
                 };
                 let mut stats = [(0f32, 0f32); 3];

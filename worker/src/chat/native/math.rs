@@ -200,40 +200,66 @@ fn scores_unscaled<T: KvValue>(q: &[f32], heads: usize, keys: &[T], scale: f32, 
     }
 }
 
-/// [`grouped_scores`] for i8 keys, in integers: each query head is quantized to
-/// i8 in blocks of 32 (one scale per block, as llama.cpp's Q8_0) and meets the
-/// keys with 8-bit multiply-adds, half the multiplies of widening every key to
-/// f32, so a long context costs little more than reading its half-size cache.
-/// Head sizes that are not a multiple of 32 take the f32 path.
-pub fn grouped_scores_i8(q: &[f32], heads: usize, keys: &[i8], key_scales: &[f32], scale: f32, scores: &mut [f32]) {
-    let hd = q.len() / heads;
-    if !hd.is_multiple_of(32) || hd * heads > MAX_QUERY {
+/// Query rows quantized for [`grouped_scores_i8`]: i8 in blocks of 32 with one
+/// scale per block, as llama.cpp's Q8_0. Quantized once per layer, not once
+/// for each chunk of keys the heads meet.
+pub struct QueryI8 {
+    values: Vec<i8>,
+    scales: Vec<f32>,
+}
+
+impl QueryI8 {
+    /// `None` for head sizes that are not a multiple of 32, whose scores take
+    /// the f32 path.
+    pub fn new(q: &[f32], head_dim: usize) -> Option<QueryI8> {
+        if !head_dim.is_multiple_of(32) {
+            return None;
+        }
+        let mut values = vec![0i8; q.len()];
+        let scales = q.chunks_exact(32).zip(values.chunks_exact_mut(32)).map(|(x, o)| to_i8(x, o)).collect();
+        Some(QueryI8 { values, scales })
+    }
+
+    /// The values `range` of the query (on block boundaries) and their scales.
+    pub fn get(&self, range: std::ops::Range<usize>) -> (&[i8], &[f32]) {
+        (&self.values[range.clone()], &self.scales[range.start / 32..range.end / 32])
+    }
+}
+
+/// [`grouped_scores`] for i8 keys, in integers: the query heads, quantized
+/// (see [`QueryI8`]), meet the keys in 8-bit multiply-adds, half the
+/// multiplies of widening every key to f32, so a long context costs little
+/// more than reading its half-size cache. Without a quantized query (head sizes
+/// that are not a multiple of 32) the scores take the f32 path on `q`.
+pub fn grouped_scores_i8(
+    q: &[f32],
+    quantized: Option<(&[i8], &[f32])>,
+    heads: usize,
+    keys: &[i8],
+    key_scales: &[f32],
+    scale: f32,
+    scores: &mut [f32],
+) {
+    let Some((qi, qs)) = quantized else {
         return grouped_scores(q, heads, keys, Some(key_scales), scale, scores);
-    }
+    };
+    let hd = qi.len() / heads;
     let n = scores.len() / heads;
-    assert!(keys.len() >= n * hd && key_scales.len() >= n && scores.len() == n * heads);
-    let mut qi = [0i8; MAX_QUERY];
-    let mut qs = [0f32; MAX_QUERY / 32];
-    for (b, (x, o)) in q.chunks_exact(32).zip(qi.chunks_exact_mut(32)).enumerate() {
-        qs[b] = to_i8(x, o);
-    }
+    assert!(keys.len() >= n * hd && key_scales.len() >= n && scores.len() == n * heads && qs.len() * 32 == qi.len());
     let blocks = hd / 32;
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "f16c", target_feature = "fma"))]
     // SAFETY: the build enables AVX2/FMA; lengths were checked above.
     unsafe {
         return match blocks {
-            1 => simd::scores_i8::<1>(&qi, &qs, heads, keys, key_scales, scale, scores),
-            2 => simd::scores_i8::<2>(&qi, &qs, heads, keys, key_scales, scale, scores),
-            4 => simd::scores_i8::<4>(&qi, &qs, heads, keys, key_scales, scale, scores),
-            _ => scores_i8_portable(&qi, &qs, heads, blocks, keys, key_scales, scale, scores, 0),
+            1 => simd::scores_i8::<1>(qi, qs, heads, keys, key_scales, scale, scores),
+            2 => simd::scores_i8::<2>(qi, qs, heads, keys, key_scales, scale, scores),
+            4 => simd::scores_i8::<4>(qi, qs, heads, keys, key_scales, scale, scores),
+            _ => scores_i8_portable(qi, qs, heads, blocks, keys, key_scales, scale, scores, 0),
         };
     }
     #[allow(unreachable_code)]
-    scores_i8_portable(&qi, &qs, heads, blocks, keys, key_scales, scale, scores, 0)
+    scores_i8_portable(qi, qs, heads, blocks, keys, key_scales, scale, scores, 0)
 }
-
-/// The longest run of query heads [`grouped_scores_i8`] quantizes at once.
-const MAX_QUERY: usize = 3 * 128;
 
 /// [`grouped_scores_i8`] for keys `from..n`, one at a time, with the same
 /// operations in the same order as the SIMD kernel.
@@ -539,12 +565,12 @@ mod tests {
             grouped_scores(&q, heads, &bits, None, 0.5, &mut exact);
             grouped_scores(&q, heads, &ints, Some(&scales), 0.5, &mut small);
             let mut integer = vec![0f32; n * heads];
-            grouped_scores_i8(&q, heads, &ints, &scales, 0.5, &mut integer);
-            let portable = hd.is_multiple_of(32).then(|| {
+            let quantized = QueryI8::new(&q, hd);
+            let query = quantized.as_ref().map(|x| x.get(0..q.len()));
+            grouped_scores_i8(&q, query, heads, &ints, &scales, 0.5, &mut integer);
+            let portable = query.map(|(qi, qs)| {
                 let mut one = vec![0f32; n * heads];
-                let mut qi = vec![0i8; hd * heads];
-                let qs: Vec<f32> = q.chunks_exact(32).zip(qi.chunks_exact_mut(32)).map(|(x, o)| to_i8(x, o)).collect();
-                scores_i8_portable(&qi, &qs, heads, hd / 32, &ints, &scales, 0.5, &mut one, 0);
+                scores_i8_portable(qi, qs, heads, hd / 32, &ints, &scales, 0.5, &mut one, 0);
                 one
             });
             for (i, (a, b)) in exact.iter().zip(&small).enumerate() {

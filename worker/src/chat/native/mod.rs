@@ -21,10 +21,10 @@ use candle_core::quantized::gguf_file;
 use natter_shared::config::KvCacheType;
 use quant::{ActType, WeightType};
 use std::io::{Read, Seek, SeekFrom};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use team::{share, Shards, Team};
+use team::{share, Cursor, Shards, Team};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NativeError {
@@ -72,6 +72,21 @@ extern "C" {
     fn madvise(addr: *mut std::ffi::c_void, len: usize, advice: std::ffi::c_int) -> std::ffi::c_int;
 }
 
+/// Asks for transparent huge pages on the whole 2 MiB pages of the `len` bytes
+/// at `addr`, which starts on a 2 MiB boundary. Called before the memory is
+/// first touched, so its pages fault in huge. The advice may be refused (THP
+/// disabled); the memory then sits on small pages and works the same.
+#[cfg_attr(not(target_os = "linux"), allow(unused_variables))]
+fn advise_huge_pages(addr: *const u8, len: usize) {
+    #[cfg(target_os = "linux")]
+    if len >= HUGE_PAGE {
+        const MADV_HUGEPAGE: std::ffi::c_int = 14;
+        // SAFETY: advice changes no contents; the range is the caller's own
+        // allocation and page-aligned.
+        unsafe { madvise(addr as *mut _, len / HUGE_PAGE * HUGE_PAGE, MADV_HUGEPAGE) };
+    }
+}
+
 impl Aligned {
     fn zeroed(len: usize) -> Aligned {
         let align = if len >= HUGE_PAGE { HUGE_PAGE } else { 64 };
@@ -79,13 +94,8 @@ impl Aligned {
         // SAFETY: the layout has a non-zero size.
         let raw = unsafe { std::alloc::alloc(layout) };
         let Some(ptr) = std::ptr::NonNull::new(raw) else { std::alloc::handle_alloc_error(layout) };
-        #[cfg(target_os = "linux")]
         if align == HUGE_PAGE {
-            const MADV_HUGEPAGE: std::ffi::c_int = 14;
-            // Advice before the first touch, so the pages are faulted in huge.
-            // It may be refused (THP disabled): the weights then sit on small pages.
-            // SAFETY: the range is inside our allocation and page-aligned.
-            unsafe { madvise(raw.cast(), len / HUGE_PAGE * HUGE_PAGE, MADV_HUGEPAGE) };
+            advise_huge_pages(raw, len);
         }
         // SAFETY: `layout.size()` bytes are allocated at `raw`.
         unsafe { std::ptr::write_bytes(raw, 0, layout.size()) };
@@ -237,14 +247,7 @@ impl<T: Copy + Default> KvArray<T> {
         let buf = vec![T::default(); len + HUGE_PAGE / size];
         let addr = buf.as_ptr() as usize;
         let start = (addr.next_multiple_of(HUGE_PAGE) - addr) / size;
-        #[cfg(target_os = "linux")]
-        if len * size >= HUGE_PAGE {
-            const MADV_HUGEPAGE: std::ffi::c_int = 14;
-            // Before the first touch, so pages fault in huge; refused advice
-            // (THP disabled) leaves small pages, which work the same.
-            // SAFETY: the range lies inside `buf` and starts page-aligned.
-            unsafe { madvise(buf[start..].as_ptr() as *mut _, len * size / HUGE_PAGE * HUGE_PAGE, MADV_HUGEPAGE) };
-        }
+        advise_huge_pages(buf[start..].as_ptr().cast(), len * size);
         KvArray { buf, start, len }
     }
 
@@ -737,13 +740,9 @@ fn quantize<'a>(team: &Team, bufs: &'a mut [Vec<u64>; 4], x: &[f32], cols: usize
 const WEIGHT_PANEL_BYTES: usize = 96 * 1024;
 
 /// `out[r][o] = w.row(o) · x[r]` for each (weight, output) pair, all pairs as
-/// one job that the team takes in chunks of rows from a shared cursor.
-///
-/// Why chunks rather than a fixed share per thread: the threads of a small VM
-/// do not run at one speed (the memory bus, the hypervisor), and with fixed
-/// shares every product waits for the slowest; a thread that falls behind here
-/// simply takes fewer chunks. Chunks are whole groups, so each output is still
-/// computed by the same operations wherever it runs.
+/// one job that the team takes in chunks of rows from a [`Cursor`]. Chunks are
+/// whole groups, so each output is computed by the same operations wherever it
+/// runs.
 fn matmul(team: &Team, acts: &Acts, rows: usize, jobs: &mut [(&Weight, &mut [f32])]) {
     // Every matrix counts with its rows rounded up to a whole group, so each
     // chunk starts on a group boundary in every matrix.
@@ -752,21 +751,18 @@ fn matmul(team: &Team, acts: &Acts, rows: usize, jobs: &mut [(&Weight, &mut [f32
     let row_bytes = jobs.iter().map(|(w, _)| w.unit_bytes / w.unit_rows).max().unwrap_or(1);
     let chunk = (MATMUL_CHUNK_BYTES / row_bytes).next_multiple_of(grouped::GROUP).max(grouped::GROUP);
     let outs: Vec<(&Weight, Shards<f32>)> = jobs.iter_mut().map(|(w, out)| (*w, Shards::new(&mut out[..]))).collect();
-    let cursor = AtomicUsize::new(0);
-    team.run(&|_| loop {
-        let start = cursor.fetch_add(chunk, Ordering::Relaxed);
-        if start >= total {
-            break;
-        }
-        let end = (start + chunk).min(total);
-        let mut base = 0;
-        for (w, out) in &outs {
-            let (from, to) = (start.max(base), end.min(base + padded(w)));
-            if from < to {
-                let units = (from - base) / w.unit_rows..((to - base).min(w.padded_rows())).div_ceil(w.unit_rows);
-                matmul_part(w, acts, rows, units, out);
+    let cursor = Cursor::new(total, chunk);
+    team.run(&|_| {
+        while let Some(Range { start, end }) = cursor.take() {
+            let mut base = 0;
+            for (w, out) in &outs {
+                let (from, to) = (start.max(base), end.min(base + padded(w)));
+                if from < to {
+                    let units = (from - base) / w.unit_rows..((to - base).min(w.padded_rows())).div_ceil(w.unit_rows);
+                    matmul_part(w, acts, rows, units, out);
+                }
+                base += padded(w);
             }
-            base += padded(w);
         }
     });
 }
@@ -778,7 +774,7 @@ const MATMUL_CHUNK_BYTES: usize = 32 * 1024;
 
 /// One thread's units (rows or groups) `range` of `w` against all `rows`
 /// activation rows, a panel of units at a time.
-fn matmul_part(w: &Weight, acts: &Acts, rows: usize, range: std::ops::Range<usize>, out: &Shards<f32>) {
+fn matmul_part(w: &Weight, acts: &Acts, rows: usize, range: Range<usize>, out: &Shards<f32>) {
     let panel = (WEIGHT_PANEL_BYTES / w.unit_bytes).max(8);
     let mut start = range.start;
     while start < range.end {
@@ -807,7 +803,7 @@ struct Part<'a> {
     w: &'a Weight,
     acts: &'a Acts<'a>,
     out: &'a Shards<'a, f32>,
-    panel: std::ops::Range<usize>,
+    panel: Range<usize>,
 }
 
 impl Part<'_> {
@@ -832,7 +828,7 @@ impl Part<'_> {
     /// Multiplies each group of the panel with activation rows `acts`, four at
     /// a time (the broadcast activations and the 16-bit sums of four rows stay
     /// in registers), then two, then one.
-    fn sweep_groups(&self, acts: std::ops::Range<usize>) {
+    fn sweep_groups(&self, acts: Range<usize>) {
         for g in self.panel.clone() {
             let mut r = acts.start;
             while r + 4 <= acts.end {
@@ -910,14 +906,16 @@ fn attention(
         .collect();
     let at_once = math::heads_at_once(hd);
     let shards = Shards::new(&mut partials[..len]);
-    // Items are taken one at a time from a shared cursor, not in fixed shares:
-    // the two vCPUs here may run at different speeds, and a fixed half would
-    // leave the faster one waiting at the end of every layer.
-    let cursor = AtomicUsize::new(0);
+    let query_i8 = match cache.store {
+        KvStore::Q8 { .. } => math::QueryI8::new(q, hd),
+        KvStore::F16 { .. } => None,
+    };
+    let cursor = Cursor::new(items.len(), 1);
     team.run(&|_| {
         let mut scores = Vec::with_capacity(at_once * ATTENTION_CHUNK);
         let mut sums = vec![0f32; at_once * hd];
-        while let Some(&(i, g, ch)) = items.get(cursor.fetch_add(1, Ordering::Relaxed)) {
+        while let Some(taken) = cursor.take() {
+            let (i, g, ch) = items[taken.start];
             let r = rows[i];
             let first = ch * ATTENTION_CHUNK;
             let n = (r.pos + 1 - first).min(ATTENTION_CHUNK);
@@ -926,7 +924,9 @@ fn attention(
             while h < (g + 1) * group {
                 let heads = at_once.min((g + 1) * group - h);
                 scores.resize(heads * n, 0.0);
-                let q = &q[i * c.dim + h * hd..i * c.dim + (h + heads) * hd];
+                let run = i * c.dim + h * hd..i * c.dim + (h + heads) * hd;
+                let q_i8 = query_i8.as_ref().map(|x| x.get(run.clone()));
+                let q = &q[run];
                 let (kv, value_scales) = match &cache.store {
                     KvStore::F16 { k, v } => {
                         math::grouped_scores(q, heads, &k.get()[base * hd..(base + n) * hd], None, scale, &mut scores);
@@ -934,7 +934,7 @@ fn attention(
                     }
                     KvStore::Q8 { k, v, k_scales, v_scales } => {
                         let keys = &k.get()[base * hd..(base + n) * hd];
-                        math::grouped_scores_i8(q, heads, keys, &k_scales[base..base + n], scale, &mut scores);
+                        math::grouped_scores_i8(q, q_i8, heads, keys, &k_scales[base..base + n], scale, &mut scores);
                         (KvSlice::Q8(&v.get()[base * hd..(base + n) * hd]), Some(&v_scales[base..base + n]))
                     }
                 };

@@ -162,6 +162,28 @@ pub fn share(len: usize, id: usize, threads: usize, align: usize) -> Range<usize
     (start * align).min(len)..(end * align).min(len)
 }
 
+/// Work in `0..len`, handed out `chunk` at a time to whichever thread asks
+/// next. The vCPUs of a small VM do not run at one speed, and with fixed shares
+/// every task would wait for the slowest; a thread that falls behind simply
+/// takes fewer chunks.
+pub struct Cursor {
+    next: AtomicUsize,
+    len: usize,
+    chunk: usize,
+}
+
+impl Cursor {
+    pub fn new(len: usize, chunk: usize) -> Cursor {
+        Cursor { next: AtomicUsize::new(0), len, chunk: chunk.max(1) }
+    }
+
+    /// The next chunk nobody has taken, or `None` when all are taken.
+    pub fn take(&self) -> Option<Range<usize>> {
+        let start = self.next.fetch_add(self.chunk, Ordering::Relaxed);
+        (start < self.len).then(|| start..(start + self.chunk).min(self.len))
+    }
+}
+
 /// A buffer several threads write in disjoint parts of.
 pub struct Shards<'a, T> {
     ptr: *mut T,
@@ -205,6 +227,25 @@ mod tests {
             assert_eq!(parts[0].start, 0);
             assert_eq!(parts[2].end, len);
             assert!(parts.windows(2).all(|w| w[0].end == w[1].start));
+        }
+    }
+
+    #[test]
+    fn a_cursor_hands_out_each_chunk_once() {
+        let team = Team::new(2);
+        for (len, chunk) in [(100, 8), (7, 1), (0, 4), (5, 16)] {
+            let cursor = Cursor::new(len, chunk);
+            let taken = std::sync::Mutex::new(Vec::new());
+            team.run(&|_| {
+                while let Some(r) = cursor.take() {
+                    taken.lock().unwrap().push(r);
+                }
+            });
+            let mut taken = taken.into_inner().unwrap();
+            taken.sort_by_key(|r| r.start);
+            assert_eq!(taken.iter().map(|r| r.len()).sum::<usize>(), len);
+            assert!(taken.windows(2).all(|w| w[0].end == w[1].start));
+            assert!(taken.iter().all(|r| r.start % chunk == 0 && !r.is_empty()));
         }
     }
 

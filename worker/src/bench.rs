@@ -251,36 +251,23 @@ pub fn run(args: &BenchArgs, loaded: &Loaded) -> Result<(), BenchError> {
             return Ok(());
         }
         let input = request(&engine, args.stream_prompt_tokens, args.gen_tokens)?;
-        // Idle time to first token of the same request, alone.
-        let idle = engine.generate(&input, &|| false, &mut |_| {}).map_err(|e| BenchError::Engine(e.to_string()))?;
-        let idle_ttft = idle.metrics.time_to_first_token_ms.unwrap_or(0.0);
-
-        // All streams at once: aggregate decode rate over the whole run.
-        let started = std::time::Instant::now();
-        for _ in 0..args.streams {
-            engine.admit(&input).map_err(|e| BenchError::Engine(e.to_string()))?;
+        // One stream alone, then all at once, taking turns for `runs` rounds:
+        // the ratio of the two is then not the drift of a shared machine
+        // between a single-stream run and a batched run minutes later.
+        let (mut single, mut idle_ttft) = (Vec::new(), Vec::new());
+        let (mut whole, mut decode, mut generated, mut input_tokens) = (Vec::new(), Vec::new(), 0, 0);
+        for _ in 0..args.runs.max(1) {
+            let alone =
+                engine.generate(&input, &|| false, &mut |_| {}).map_err(|e| BenchError::Engine(e.to_string()))?;
+            input_tokens = alone.metrics.prompt_tokens;
+            single.push(alone.metrics.decode_tokens_per_s.unwrap_or(0.0));
+            idle_ttft.push(alone.metrics.time_to_first_token_ms.unwrap_or(0.0));
+            let batch = all_at_once(&mut engine, &input, args.streams)?;
+            generated = batch.generated;
+            whole.push(batch.generated as f64 / batch.wall_s);
+            decode.push((batch.generated - args.streams) as f64 / batch.decode_s);
         }
-        let mut generated = 0usize;
-        // Decoding proper starts once every stream has its first token.
-        let mut answering = std::collections::HashSet::new();
-        let mut first_all = None;
-        while engine.running() > 0 {
-            for (id, event) in engine.step(&|_| false) {
-                match event {
-                    crate::chat::SequenceEvent::Finished(Ok(done)) => {
-                        generated += done.metrics.completion_tokens as usize
-                    }
-                    _ => {
-                        answering.insert(id);
-                    }
-                }
-            }
-            if answering.len() == args.streams {
-                first_all.get_or_insert_with(std::time::Instant::now);
-            }
-        }
-        let wall = started.elapsed().as_secs_f64();
-        let after_prompts = first_all.map_or(wall, |t| (std::time::Instant::now() - t).as_secs_f64());
+        let (single, decode) = (median(single), median(decode));
 
         // One request arriving while the others stream.
         let long = request(&engine, args.stream_prompt_tokens, args.gen_tokens * 2)?;
@@ -302,23 +289,59 @@ pub fn run(args: &BenchArgs, loaded: &Loaded) -> Result<(), BenchError> {
         }
         println!();
         println!(
-            "| streams | prompt tokens each | generated | aggregate tok/s (whole run) | aggregate decode tok/s | TTFT idle ms | TTFT with {} streaming ms | peak RSS MB |",
+            "| streams | prompt tokens each | generated | aggregate tok/s (whole run) | aggregate decode tok/s | one stream decode tok/s | × one stream | TTFT idle ms | TTFT with {} streaming ms | peak RSS MB |",
             args.streams - 1
         );
-        println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         println!(
-            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} |",
+            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} | {:.1} | {:.0} |",
             args.streams,
-            idle.metrics.prompt_tokens,
+            input_tokens,
             generated,
-            generated as f64 / wall,
-            (generated - args.streams) as f64 / after_prompts,
-            idle_ttft,
+            median(whole),
+            decode,
+            single,
+            decode / single,
+            median(idle_ttft),
             loaded_ttft.unwrap_or(0.0),
             peak_rss_mb()
         );
     }
     Ok(())
+}
+
+/// What one run of `streams` copies of a request, admitted at once, did.
+struct BatchRun {
+    generated: usize,
+    wall_s: f64,
+    /// From the moment every stream has its first token to the end.
+    decode_s: f64,
+}
+
+fn all_at_once(engine: &mut ChatEngine, input: &ChatInput, streams: usize) -> Result<BatchRun, BenchError> {
+    let started = std::time::Instant::now();
+    for _ in 0..streams {
+        engine.admit(input).map_err(|e| BenchError::Engine(e.to_string()))?;
+    }
+    let mut generated = 0usize;
+    let mut answering = std::collections::HashSet::new();
+    let mut first_all = None;
+    while engine.running() > 0 {
+        for (id, event) in engine.step(&|_| false) {
+            match event {
+                crate::chat::SequenceEvent::Finished(Ok(done)) => generated += done.metrics.completion_tokens as usize,
+                _ => {
+                    answering.insert(id);
+                }
+            }
+        }
+        if answering.len() == streams {
+            first_all.get_or_insert_with(std::time::Instant::now);
+        }
+    }
+    let wall_s = started.elapsed().as_secs_f64();
+    let decode_s = first_all.map_or(wall_s, |t| t.elapsed().as_secs_f64());
+    Ok(BatchRun { generated, wall_s, decode_s })
 }
 
 /// The named catalog model (or the default of `kind`) and its fetched path.

@@ -85,18 +85,36 @@ pub fn softmax_weights(x: &mut [f32]) -> (f32, f32) {
         }
     }
     let max = chunks.remainder().iter().fold(lanes.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v)), |m, v| m.max(*v));
-    for v in x.iter_mut() {
-        *v -= max;
-    }
-    exp_in_place(x);
+    // One pass for the shift, the exp and the sums, while each chunk is in registers.
     let mut sums = [0f32; 8];
-    let mut chunks = x.chunks_exact(8);
+    let mut chunks = x.chunks_exact_mut(8);
     for chunk in &mut chunks {
-        for (s, v) in sums.iter_mut().zip(chunk) {
+        exp_shifted(chunk, max);
+        for (s, v) in sums.iter_mut().zip(chunk.iter()) {
             *s += v;
         }
     }
-    (max, sums.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>())
+    let rest = chunks.into_remainder();
+    for v in rest.iter_mut() {
+        *v = exp_scalar(*v - max);
+    }
+    (max, sums.iter().sum::<f32>() + rest.iter().sum::<f32>())
+}
+
+/// `x[i] = exp(x[i] - max)` for a chunk of eight.
+#[inline(always)]
+fn exp_shifted(chunk: &mut [f32], max: f32) {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    // SAFETY: the build enables AVX2/FMA; the chunk holds 8 floats.
+    unsafe {
+        use std::arch::x86_64::*;
+        let v = _mm256_sub_ps(_mm256_loadu_ps(chunk.as_ptr()), _mm256_set1_ps(max));
+        _mm256_storeu_ps(chunk.as_mut_ptr(), avx2_exp(v));
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
+    for v in chunk.iter_mut() {
+        *v = exp_scalar(*v - max);
+    }
 }
 
 /// `gate[i] = silu(gate[i]) * up[i]`.
@@ -514,6 +532,28 @@ pub fn to_i8(x: &[f32], out: &mut [i8]) -> f32 {
     }
     scale
 }
+
+/// Asks for the first [`FETCH_START_BYTES`] of `data`: a kernel's own prefetch
+/// runs only a short way ahead of it, so without this its first lines are
+/// waited for one by one, and the softmax before the value pass leaves the
+/// memory bus idle.
+pub fn start_fetching<T>(data: &[T]) {
+    let bytes = std::mem::size_of_val(data).min(FETCH_START_BYTES);
+    #[cfg(target_arch = "x86_64")]
+    for line in (0..bytes).step_by(64) {
+        // SAFETY: a prefetch of an address inside `data` has no effect but on the caches.
+        unsafe {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            _mm_prefetch::<_MM_HINT_T0>(data.as_ptr().cast::<u8>().add(line).cast());
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = bytes;
+}
+
+/// The kernels' own prefetch distance, twice: measured at depth 2000, 1 to 4 KiB
+/// ahead all did the same, about 1% faster decoding than none.
+const FETCH_START_BYTES: usize = 2048;
 
 pub fn to_f16_bits(x: &[f32], out: &mut [u16]) {
     for (o, v) in out.iter_mut().zip(x) {

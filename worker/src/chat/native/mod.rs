@@ -863,6 +863,7 @@ impl Part<'_> {
 }
 
 /// One chunk of a KV head's cached values.
+#[derive(Clone, Copy)]
 enum KvSlice<'a> {
     F16(&'a [u16]),
     Q8(&'a [i8]),
@@ -938,6 +939,11 @@ fn attention(
                         (KvSlice::Q8(&v.get()[base * hd..(base + n) * hd]), Some(&v_scales[base..base + n]))
                     }
                 };
+                // The values' first lines are on their way while the softmax computes.
+                match kv {
+                    KvSlice::F16(values) => math::start_fetching(values),
+                    KvSlice::Q8(values) => math::start_fetching(values),
+                }
                 let mut stats = [(0f32, 0f32); 3];
                 for (s, st) in stats.iter_mut().enumerate().take(heads) {
                     *st = math::softmax_weights(&mut scores[s * n..(s + 1) * n]);

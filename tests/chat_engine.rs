@@ -8,7 +8,7 @@ use natter_shared::config::KvCacheType;
 use natter_shared::proto::{ChatInput, ChatMessage, JobResult, Role, SamplingParams};
 use natter_worker::chat::native::{KvCache, NativeModel, Row};
 use natter_worker::chat::{model, ChatEngine, ChatOptions};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 fn model(file: &str, id: &str) -> PathBuf {
     let path = common::models_dir().join(file);
@@ -46,7 +46,7 @@ fn ask(engine: &mut ChatEngine, question: &str, max_tokens: u32) -> String {
 
 /// 64 greedy tokens per prompt (EOS ignored, so every answer is full length)
 /// through both engines: the same text.
-fn same_as_stock(path: &PathBuf, prompts: [&str; 2]) {
+fn same_as_stock(path: &Path, prompts: [&str; 2]) {
     let mut native = ChatEngine::load(path, ChatOptions::new(4096, 2, 2)).unwrap();
     assert!(native.is_native());
     native.set_ignore_eos(true);
@@ -75,7 +75,7 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 /// distance over the run; the native pass must stay within twice that distance
 /// of candle at every step, and pick candle's token at every step except where
 /// candle's two best candidates are closer than that.
-fn teacher_forced(path: &PathBuf, prompt: &str, noise_every: usize) {
+fn teacher_forced(path: &Path, prompt: &str, noise_every: usize) {
     let engine = ChatEngine::load(path, ChatOptions::new(4096, 1, 2)).unwrap();
     let mut tokens = engine.build_prompt(&user(prompt), 64).unwrap().tokens;
     let (content, _) = model::read_content(path).unwrap();

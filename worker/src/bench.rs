@@ -137,12 +137,19 @@ pub fn run_ner(args: &BenchNerArgs, loaded: &Loaded) -> Result<(), BenchError> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
+    /// Boxed: the loading error is large beside the others.
     #[error(transparent)]
-    Config(#[from] ConfigLoadError),
+    Config(Box<ConfigLoadError>),
     #[error(transparent)]
     Fetch(#[from] fetch::FetchError),
     #[error("{0}")]
     Engine(String),
+}
+
+impl From<ConfigLoadError> for BenchError {
+    fn from(e: ConfigLoadError) -> Self {
+        BenchError::Config(Box::new(e))
+    }
 }
 
 fn median(mut values: Vec<f64>) -> f64 {

@@ -4,7 +4,7 @@ use crate::WorkerConfig;
 use clap::Args;
 use natter_shared::catalog::{Catalog, CatalogError};
 use natter_shared::config::{ConfigError, FileConfig};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Flags shared by every subcommand: where the config, catalog and models are.
@@ -86,8 +86,7 @@ pub struct Loaded {
 
 impl CommonArgs {
     pub fn load(&self) -> Result<Loaded, ConfigLoadError> {
-        let user_named =
-            std::env::var_os("NATTER_CONFIG").is_some() || self.config != PathBuf::from("config/natter.toml");
+        let user_named = std::env::var_os("NATTER_CONFIG").is_some() || self.config != Path::new("config/natter.toml");
         let file = FileConfig::load(&self.config, user_named)?;
         let catalog = Catalog::load(self.catalog.as_ref().unwrap_or(&file.models.catalog))?;
         let models_dir = self.models_dir.clone().unwrap_or_else(|| file.models.dir.clone());

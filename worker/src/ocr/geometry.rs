@@ -149,8 +149,9 @@ fn homography(quad: &Quad, w: f64, h: f64) -> Option<[f64; 8]> {
         for row in 0..8 {
             if row != col {
                 let f = m[row][col] / m[col][col];
-                for k in col..9 {
-                    m[row][k] -= f * m[col][k];
+                let pivot_row = m[col];
+                for (x, p) in m[row][col..].iter_mut().zip(&pivot_row[col..]) {
+                    *x -= f * p;
                 }
             }
         }

@@ -383,6 +383,7 @@ mod simd {
 
     /// Four keys at a time, each widened once and multiplied into the sums of
     /// all `S` heads (4·S sums in flight).
+    #[allow(clippy::needless_range_loop)] // the indices name registers of the tile
     pub unsafe fn scores<T: KvValue, const CH: usize, const S: usize>(
         q: &[f32],
         keys: &[T],
@@ -491,6 +492,7 @@ mod simd {
     /// `W·S` sums stay in registers (at most 9 of the 16, so none spill to
     /// the stack, where each step would wait on a store and a reload), and
     /// each value vector is widened once for all heads.
+    #[allow(clippy::needless_range_loop)] // the indices name registers of the tile
     pub unsafe fn values_pass<T: KvValue, const W: usize, const S: usize>(
         weights: &[f32],
         values: &[T],

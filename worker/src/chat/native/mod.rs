@@ -880,6 +880,7 @@ const ATTENTION_CHUNK: usize = 256;
 /// keys and values once for up to three of the query heads sharing that KV head
 /// (grouped-query attention), and leaves per-head partial softmax sums that are
 /// merged in chunk order afterwards.
+#[allow(clippy::too_many_arguments)]
 fn attention(
     team: &Team,
     c: &Config,

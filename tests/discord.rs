@@ -123,27 +123,17 @@ async fn slash(fake: &FakeDiscord, channel: u64, user: u64, name: &str, options:
     .await
 }
 
-/// The bot notice for a job sent while the user's previous one still runs.
-const BUSY: &str = "still working on your previous request";
-
-/// Like [`slash`], for a job: an answer streamed on a loaded machine can still
-/// be running when the next job is sent, and the bot refuses that one (taking
-/// one job per user at a time), so it is sent again, as a user would.
+/// Like [`slash`], for a job, sent again while the bot is busy ([`send_job`]).
 async fn slash_job(fake: &FakeDiscord, user: u64, name: &str, options: Value, expect: &str) -> Vec<String> {
-    for _ in 0..60 {
-        let before = fake.channel_texts(CHANNEL).len();
-        fake.slash(Some(GUILD), CHANNEL, user, name, options.clone());
-        let texts = fake
-            .wait_for(CHANNEL, Duration::from_secs(120), |t| {
-                t.len() > before && t[before..].iter().any(|t| t.contains(expect) || t.contains(BUSY))
-            })
-            .await;
-        if !texts[before..].iter().any(|t| t.contains(BUSY)) {
-            return texts;
+    send_job(|| {
+        let options = options.clone();
+        async move {
+            let before = fake.channel_texts(CHANNEL).len();
+            fake.slash(Some(GUILD), CHANNEL, user, name, options);
+            (before, fake.wait_for(CHANNEL, Duration::from_secs(120), |t| answered_or_busy(t, before, expect)).await)
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    panic!("the previous job never finished");
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

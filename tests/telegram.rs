@@ -212,27 +212,14 @@ async fn ask(fake: &FakeTelegram, chat: i64, text: &str, expect: &str) -> Vec<St
     .await
 }
 
-/// The bot notice for a job sent while the user's previous one still runs.
-const BUSY: &str = "still working on your previous request";
-
-/// Like [`ask`], for a job: an answer streamed on a loaded machine can still be
-/// running when the next job is sent, and the bot refuses that one (taking one
-/// job per user at a time), so it is sent again, as a user would.
+/// Like [`ask`], for a job, sent again while the bot is busy ([`send_job`]).
 async fn ask_for_job(fake: &FakeTelegram, chat: i64, text: &str, expect: &str) -> Vec<String> {
-    for _ in 0..60 {
+    send_job(|| async move {
         let before = fake.chat_texts(chat).len();
         fake.user_says(chat, text);
-        let texts = fake
-            .wait_for(chat, Duration::from_secs(120), |t| {
-                t.len() > before && t[before..].iter().any(|t| t.contains(expect) || t.contains(BUSY))
-            })
-            .await;
-        if !texts[before..].iter().any(|t| t.contains(BUSY)) {
-            return texts;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    panic!("the previous job never finished");
+        (before, fake.wait_for(chat, Duration::from_secs(120), |t| answered_or_busy(t, before, expect)).await)
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

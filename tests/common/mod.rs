@@ -303,3 +303,29 @@ pub async fn run_checker(mut command: Command) {
     assert!(output.status.success(), "checks failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("all checks passed"), "{stdout}");
 }
+
+/// The bots' notice for a job sent while the user's previous one still runs.
+const BUSY: &str = "still working on your previous request";
+
+/// Whether the texts after the first `before` hold `expect` or the busy notice.
+pub fn answered_or_busy(texts: &[String], before: usize, expect: &str) -> bool {
+    texts.len() > before && texts[before..].iter().any(|t| t.contains(expect) || t.contains(BUSY))
+}
+
+/// Sends a job through `attempt` (which returns how many texts there were
+/// before, and the texts once [`answered_or_busy`]) until the bot takes it. An
+/// answer streamed on a loaded machine can still be running when the next job
+/// is sent, and the bots take one job per user at a time, so a refused job is
+/// sent again, as a user would.
+pub async fn send_job<F: std::future::Future<Output = (usize, Vec<String>)>>(
+    mut attempt: impl FnMut() -> F,
+) -> Vec<String> {
+    for _ in 0..60 {
+        let (before, texts) = attempt().await;
+        if !texts[before..].iter().any(|t| t.contains(BUSY)) {
+            return texts;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    panic!("the previous job never finished");
+}

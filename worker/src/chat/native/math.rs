@@ -471,9 +471,7 @@ mod simd {
     /// a quarter less time with the hint.
     #[inline(always)]
     unsafe fn prefetch(at: *const u8, bytes: usize) {
-        for line in (0..bytes).step_by(64) {
-            _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(PREFETCH_AHEAD + line) as *const i8);
-        }
+        super::fetch_lines(at.wrapping_add(PREFETCH_AHEAD), bytes);
     }
 
     /// Far enough ahead to cover the memory latency at the kernels' pace, near
@@ -540,17 +538,23 @@ pub fn to_i8(x: &[f32], out: &mut [i8]) -> f32 {
 /// waited for one by one, and the softmax before the value pass leaves the
 /// memory bus idle.
 pub fn start_fetching<T>(data: &[T]) {
-    let bytes = std::mem::size_of_val(data).min(FETCH_START_BYTES);
+    fetch_lines(data.as_ptr().cast(), std::mem::size_of_val(data).min(FETCH_START_BYTES));
+}
+
+/// Asks for the cache lines of the `bytes` bytes at `at` (into L1). A prefetch
+/// never faults, so `at` may run past the caller's data.
+#[inline(always)]
+fn fetch_lines(at: *const u8, bytes: usize) {
     #[cfg(target_arch = "x86_64")]
     for line in (0..bytes).step_by(64) {
-        // SAFETY: a prefetch of an address inside `data` has no effect but on the caches.
+        // SAFETY: a prefetch changes nothing but the caches, whatever the address.
         unsafe {
             use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            _mm_prefetch::<_MM_HINT_T0>(data.as_ptr().cast::<u8>().add(line).cast());
+            _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(line).cast());
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = bytes;
+    let _ = (at, bytes);
 }
 
 /// The kernels' own prefetch distance, twice: measured at depth 2000, 1 to 4 KiB

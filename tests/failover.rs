@@ -118,7 +118,7 @@ async fn a_job_on_a_killed_worker_is_redelivered_and_finished_by_another() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_hands_a_running_job_back_when_the_drain_time_runs_out() {
-    let fleet = two_workers(&[("NATTER_DRAIN_SECS", "0.5")]).await;
+    let fleet = two_workers(&[("NATTER_DRAIN_SECS", "0.2")]).await;
     let job = story_job();
     let (victim, updates) = interrupt(&fleet, &job, Signal::SIGTERM).await;
     let all: Vec<ChatUpdate> = tokio::time::timeout(Duration::from_secs(120), updates.collect()).await.unwrap();

@@ -116,7 +116,8 @@ pub async fn listen_for_cancels(client: async_nats::Client, shared: Arc<Shared>,
 }
 
 /// Serves one model until `shutdown`, then drains: running jobs get
-/// `drain` to finish, after which they are handed back to the queue.
+/// `drain` from the moment of shutdown to finish, after which they are handed
+/// back to the queue.
 pub async fn serve_model(
     shared: Arc<Shared>,
     consumer: PullConsumer,
@@ -127,17 +128,17 @@ pub async fn serve_model(
 ) {
     let slots = Arc::new(Semaphore::new(slots.max(1)));
     let mut jobs = JoinSet::new();
+    let mut open_pull = None;
     loop {
         let permit = tokio::select! {
             permit = slots.clone().acquire_owned() => permit.expect("semaphore never closed"),
             _ = shutdown.cancelled() => break,
         };
-        if shutdown.is_cancelled() {
-            break;
-        }
-        // A short expiry keeps shutdown prompt without abandoning a pull request
-        // that could still deliver a job to nobody.
-        let batch = consumer.batch().max_messages(1).expires(Duration::from_secs(2)).messages().await;
+        // A short expiry bounds how long an open pull request outlives shutdown.
+        let batch = tokio::select! {
+            batch = consumer.batch().max_messages(1).expires(Duration::from_secs(2)).messages() => batch,
+            _ = shutdown.cancelled() => break,
+        };
         let mut batch = match batch {
             Ok(batch) => batch,
             Err(e) => {
@@ -146,9 +147,16 @@ pub async fn serve_model(
                 continue;
             }
         };
-        while let Some(msg) = batch.next().await {
+        loop {
+            let msg = tokio::select! {
+                msg = batch.next() => msg,
+                _ = shutdown.cancelled() => {
+                    open_pull = Some(batch);
+                    break;
+                }
+            };
             match msg {
-                Ok(msg) => {
+                Some(Ok(msg)) => {
                     let shared = shared.clone();
                     let engine = engine.clone();
                     let model = model.clone();
@@ -158,19 +166,39 @@ pub async fn serve_model(
                     });
                     break;
                 }
-                Err(e) => tracing::warn!(%model, "pull error: {e}"),
+                Some(Err(e)) => tracing::warn!(%model, "pull error: {e}"),
+                None => break,
             }
+        }
+        if open_pull.is_some() {
+            break;
         }
         while jobs.try_join_next().is_some() {}
     }
-    if !jobs.is_empty() {
+    // The server may still deliver a job to the pull request open at shutdown:
+    // hand it straight back so another worker takes it without waiting AckWait.
+    let hand_back = async {
+        if let Some(mut batch) = open_pull {
+            while let Some(msg) = batch.next().await {
+                if let Ok(msg) = msg {
+                    tracing::info!(%model, "handing back a job that arrived during shutdown");
+                    ack(&msg, AckKind::Nak(None)).await;
+                }
+            }
+        }
+    };
+    let drain = async {
+        if jobs.is_empty() {
+            return;
+        }
         tracing::info!(%model, running = jobs.len(), "draining: waiting for running jobs");
         if tokio::time::timeout(shared.drain, async { while jobs.join_next().await.is_some() {} }).await.is_err() {
             tracing::info!(%model, "drain timeout: handing running jobs back to the queue");
             shared.cancel_all_running(CancelReason::Shutdown);
             while jobs.join_next().await.is_some() {}
         }
-    }
+    };
+    tokio::join!(hand_back, drain);
 }
 
 /// Publishes one attempt's events in order, numbering them.

@@ -80,7 +80,7 @@ fn teacher_forced(path: &Path, prompt: &str, noise_every: usize) {
     let mut tokens = engine.build_prompt(&user(prompt), 64).unwrap().tokens;
     let (content, _) = model::read_content(path).unwrap();
     let mut native = NativeModel::load(path, &content, 2).unwrap();
-    let mut cache = KvCache::new(&native.config, 1, 4096, KvCacheType::F16);
+    let mut cache = KvCache::new(&native.config, 1, 4096, 1, KvCacheType::F16);
     let (mut stock, _) = model::load(path, &Device::Cpu).unwrap();
     let (mut stock_whole, _) = model::load(path, &Device::Cpu).unwrap();
     let logits = |model: &mut model::Model, tokens: &[u32], pos: usize| {

@@ -158,12 +158,17 @@ pub struct WorkerSection {
 #[serde(rename_all = "lowercase")]
 pub enum KvCacheType {
     /// Half floats: what the model computed, to 3 significant digits.
-    #[default]
     F16,
     /// 8-bit integers with one scale per head and position: half the memory
     /// and half the bytes read per decoded token at long contexts, at a small
     /// cost in precision (as llama.cpp's `-ctk q8_0 -ctv q8_0`).
     Q8,
+    /// Each conversation's latest 256 to 511 positions read as f16 and older
+    /// ones as 8-bit: short chats are exactly as with f16, and long contexts
+    /// read about half the bytes. Both forms are kept for the whole window in
+    /// 8 bits plus a few pages of f16, less memory than f16 alone.
+    #[default]
+    Mixed,
 }
 
 impl std::str::FromStr for KvCacheType {
@@ -173,7 +178,8 @@ impl std::str::FromStr for KvCacheType {
         match s {
             "f16" => Ok(KvCacheType::F16),
             "q8" => Ok(KvCacheType::Q8),
-            other => Err(format!("unknown KV cache type {other:?} (f16 or q8)")),
+            "mixed" => Ok(KvCacheType::Mixed),
+            other => Err(format!("unknown KV cache type {other:?} (mixed, f16 or q8)")),
         }
     }
 }
@@ -186,7 +192,7 @@ impl Default for WorkerSection {
             drain_secs: 20.0,
             max_context: 4096,
             chat_batch: 8,
-            kv_cache: KvCacheType::F16,
+            kv_cache: KvCacheType::Mixed,
             max_input_bytes: 100 * 1024 * 1024,
             max_audio_seconds: 3600.0,
             max_image_pixels: 50_000_000,

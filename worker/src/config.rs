@@ -51,7 +51,7 @@ pub struct RunArgs {
     /// Chat conversations one model serves at once (continuous batching).
     #[arg(long, env = "NATTER_CHAT_BATCH")]
     pub chat_batch: Option<usize>,
-    /// How the chat KV cache stores keys and values: f16 or q8.
+    /// How the chat KV cache stores keys and values: mixed, f16 or q8.
     #[arg(long, env = "NATTER_KV_CACHE")]
     pub kv_cache: Option<natter_shared::config::KvCacheType>,
     /// Largest photo or audio file a job may carry, in bytes.

@@ -53,7 +53,7 @@ impl ChatOptions {
             batch: batch.max(1),
             step_tokens: 256,
             threads: threads.max(1),
-            kv_cache: KvCacheType::F16,
+            kv_cache: KvCacheType::Mixed,
         }
     }
 }
@@ -151,7 +151,7 @@ impl ChatEngine {
         let window = trained.min(options.max_context).max(16);
         let backend = match NativeModel::load(path, &content, options.threads) {
             Ok(native) => {
-                let cache = KvCache::new(&native.config, options.batch, window, options.kv_cache);
+                let cache = KvCache::new(&native.config, options.batch, window, options.step_tokens, options.kv_cache);
                 tracing::info!(
                     weights_mb = native.weight_bytes() / 1_000_000,
                     kv_cache_mb = cache.capacity_bytes() / 1_000_000,
@@ -642,7 +642,7 @@ mod tests {
             let (content, _) = model::read_content(&path).unwrap();
             let mut native = NativeModel::load(&path, &content, 2).unwrap();
             // Past the first KV page (256 positions), in the second slot.
-            let mut cache = KvCache::new(&native.config, 2, 300, KvCacheType::F16);
+            let mut cache = KvCache::new(&native.config, 2, 300, 1, KvCacheType::F16);
             let (mut stock, _) = model::load(&path, &Device::Cpu).unwrap();
             for pos in 0..300 {
                 let token = (pos as u32 * 7 + 3) % 250;
@@ -659,6 +659,81 @@ mod tests {
                     path.display()
                 );
             }
+        }
+    }
+
+    fn tiny_native(path: &std::path::Path) -> NativeModel {
+        let (content, _) = model::read_content(path).unwrap();
+        NativeModel::load(path, &content, 2).unwrap()
+    }
+
+    /// The mixed KV cache reads a query's latest pages in f16 and older ones
+    /// in 8 bits: identical to the f16 cache for the first two pages, then
+    /// different but still with candle's stock model.
+    #[test]
+    fn the_mixed_kv_cache_equals_f16_on_recent_pages_and_follows_candle_beyond() {
+        let dir = tempfile::tempdir().unwrap();
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_1] {
+            let path = dir.path().join(format!("llama-{dtype:?}.gguf"));
+            write_tiny_llama(&path, dtype);
+            let mut native = tiny_native(&path);
+            let mut f16 = KvCache::new(&native.config, 1, 700, 1, KvCacheType::F16);
+            let mut mixed = KvCache::new(&native.config, 1, 700, 1, KvCacheType::Mixed);
+            let (mut stock, _) = model::load(&path, &Device::Cpu).unwrap();
+            let mut differed = 0;
+            for pos in 0..700 {
+                let row = [Row { slot: 0, pos, token: (pos as u32 * 11 + 5) % 250, logits: true }];
+                let (mut exact, mut ours) = (Vec::new(), Vec::new());
+                native.forward(&row, &mut f16, &mut exact);
+                native.forward(&row, &mut mixed, &mut ours);
+                if pos < 512 {
+                    assert_eq!(ours, exact, "at {pos}");
+                } else if ours != exact {
+                    differed += 1;
+                }
+                let theirs = stock.forward(&[row[0].token], pos, &Device::Cpu).unwrap().to_vec1::<f32>().unwrap();
+                let scale = theirs.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let diff = ours.iter().zip(&theirs).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(diff < 0.06 * scale, "{dtype:?} at {pos}: {diff} of {scale}");
+            }
+            assert!(differed > 100, "past two pages the 8-bit keys are read ({differed} of 188 differ)");
+        }
+    }
+
+    /// The mixed cache keeps each slot's latest pages in a ring: prompts fed
+    /// in big chunks beside another slot's give exactly the logits of feeding
+    /// one position at a time.
+    #[test]
+    fn the_mixed_kv_cache_gives_the_same_logits_however_the_steps_are_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qwen2.gguf");
+        write_tiny_qwen2(&path);
+        let mut native = tiny_native(&path);
+        let token = |slot: usize, pos: usize| ((pos * 7 + slot * 13) % 250) as u32;
+        let len = 1100;
+        let mut alone = KvCache::new(&native.config, 1, len, 1, KvCacheType::Mixed);
+        let mut expected = Vec::new();
+        for pos in 0..len {
+            let mut logits = Vec::new();
+            native.forward(&[Row { slot: 0, pos, token: token(1, pos), logits: true }], &mut alone, &mut logits);
+            expected.push(logits);
+        }
+        let step_tokens = 300;
+        let mut shared = KvCache::new(&native.config, 2, len, step_tokens, KvCacheType::Mixed);
+        let (mut fed, mut other) = (0, 0);
+        while fed < len {
+            let mut rows: Vec<Row> = (other..(other + 173).min(len))
+                .map(|pos| Row { slot: 0, pos, token: token(0, pos), logits: false })
+                .collect();
+            let end = (fed + step_tokens).min(len);
+            rows.extend((fed..end).map(|pos| Row { slot: 1, pos, token: token(1, pos), logits: true }));
+            let mut logits = Vec::new();
+            native.forward(&rows, &mut shared, &mut logits);
+            for (pos, got) in (fed..end).zip(logits.chunks_exact(native.config.vocab)) {
+                assert_eq!(got, &expected[pos][..], "at {pos}");
+            }
+            other = (other + 173).min(len);
+            fed = end;
         }
     }
 

@@ -11,14 +11,16 @@
 //! many threads run it, or how its prompt was chunked: each output value is
 //! computed by the same sequence of operations in every case.
 
+mod cache;
 pub mod grouped;
 mod math;
 pub use math::exp_in_place;
 pub mod quant;
 pub mod team;
 
+pub use cache::KvCache;
+use cache::KvChunk;
 use candle_core::quantized::gguf_file;
-use natter_shared::config::KvCacheType;
 use quant::{ActType, WeightType};
 use std::io::{Read, Seek, SeekFrom};
 use std::ops::Range;
@@ -191,136 +193,6 @@ pub struct Row {
     pub token: u32,
     /// Whether the step returns this row's logits.
     pub logits: bool,
-}
-
-/// Keys and values for `slots` sequences of up to `window` positions each, as
-/// f16 or i8, allocated once and written in place. Memory is committed only
-/// where positions are written, so it grows with the positions actually used.
-pub struct KvCache {
-    slots: usize,
-    window: usize,
-    /// Pages of [`KV_PAGE`] positions per slot.
-    pages: usize,
-    layers: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    store: KvStore,
-}
-
-/// Positions per KV page. A slot's positions are stored a page at a time, each
-/// page holding every layer and head: a sequence's memory then grows a page at
-/// a time on huge pages (a layer-major layout would commit the whole slot at
-/// its first token, since one huge page would span the start of many heads).
-/// Equal to [`ATTENTION_CHUNK`], so each attention item reads one contiguous
-/// run of keys and one of values.
-const KV_PAGE: usize = ATTENTION_CHUNK;
-
-/// Keys and values at `[slot][page][layer][kv head][position in page][head_dim]`.
-enum KvStore {
-    F16 {
-        k: KvArray<u16>,
-        v: KvArray<u16>,
-    },
-    /// i8 values with one scale per (slot, layer, kv head, position).
-    Q8 {
-        k: KvArray<i8>,
-        v: KvArray<i8>,
-        k_scales: Vec<f32>,
-        v_scales: Vec<f32>,
-    },
-}
-
-/// A zeroed array that starts on a 2 MiB boundary and asks for transparent
-/// huge pages. Attention streams megabytes of keys and values per token, and on
-/// 4 KiB pages the prefetchers stop and the TLB misses every 4 KiB. The array
-/// comes zeroed from the system allocator (calloc of a fresh mapping), so
-/// nothing is touched, and nothing committed, before a position is written.
-struct KvArray<T> {
-    buf: Vec<T>,
-    start: usize,
-    len: usize,
-}
-
-impl<T: Copy + Default> KvArray<T> {
-    fn zeroed(len: usize) -> KvArray<T> {
-        let size = std::mem::size_of::<T>();
-        let buf = vec![T::default(); len + HUGE_PAGE / size];
-        let addr = buf.as_ptr() as usize;
-        let start = (addr.next_multiple_of(HUGE_PAGE) - addr) / size;
-        advise_huge_pages(buf[start..].as_ptr().cast(), len * size);
-        KvArray { buf, start, len }
-    }
-
-    fn get(&self) -> &[T] {
-        &self.buf[self.start..self.start + self.len]
-    }
-
-    fn get_mut(&mut self) -> &mut [T] {
-        &mut self.buf[self.start..self.start + self.len]
-    }
-}
-
-impl KvCache {
-    pub fn new(config: &Config, slots: usize, window: usize, kind: KvCacheType) -> KvCache {
-        let pages = window.div_ceil(KV_PAGE);
-        let heads = slots * pages * KV_PAGE * config.layers * config.kv_heads;
-        let n = heads * config.head_dim;
-        let store = match kind {
-            KvCacheType::F16 => KvStore::F16 { k: KvArray::zeroed(n), v: KvArray::zeroed(n) },
-            KvCacheType::Q8 => KvStore::Q8 {
-                k: KvArray::zeroed(n),
-                v: KvArray::zeroed(n),
-                k_scales: vec![0.0; heads],
-                v_scales: vec![0.0; heads],
-            },
-        };
-        KvCache {
-            slots,
-            window,
-            pages,
-            layers: config.layers,
-            kv_heads: config.kv_heads,
-            head_dim: config.head_dim,
-            store,
-        }
-    }
-
-    pub fn slots(&self) -> usize {
-        self.slots
-    }
-
-    pub fn window(&self) -> usize {
-        self.window
-    }
-
-    /// Bytes the cache may grow to.
-    pub fn capacity_bytes(&self) -> usize {
-        match &self.store {
-            KvStore::F16 { k, v } => (k.len + v.len) * 2,
-            KvStore::Q8 { k, v, k_scales, v_scales } => k.len + v.len + (k_scales.len() + v_scales.len()) * 4,
-        }
-    }
-
-    /// Where position `pos` of a head is stored, counted in positions; the
-    /// positions of one page follow each other.
-    fn position(&self, slot: usize, layer: usize, head: usize, pos: usize) -> usize {
-        let page = slot * self.pages + pos / KV_PAGE;
-        ((page * self.layers + layer) * self.kv_heads + head) * KV_PAGE + pos % KV_PAGE
-    }
-
-    fn write(&mut self, at: usize, key: &[f32], value: &[f32]) {
-        let range = at * self.head_dim..(at + 1) * self.head_dim;
-        match &mut self.store {
-            KvStore::F16 { k, v } => {
-                math::to_f16_bits(key, &mut k.get_mut()[range.clone()]);
-                math::to_f16_bits(value, &mut v.get_mut()[range]);
-            }
-            KvStore::Q8 { k, v, k_scales, v_scales } => {
-                k_scales[at] = math::to_i8(key, &mut k.get_mut()[range.clone()]);
-                v_scales[at] = math::to_i8(value, &mut v.get_mut()[range]);
-            }
-        }
-    }
 }
 
 pub struct NativeModel {
@@ -570,9 +442,7 @@ impl NativeModel {
     pub fn forward(&mut self, rows: &[Row], cache: &mut KvCache, logits: &mut Vec<f32>) {
         let c = &self.config;
         let n = rows.len();
-        for r in rows {
-            assert!(r.slot < cache.slots && r.pos < cache.window, "row outside the KV cache: {r:?}");
-        }
+        cache.check(rows);
         let s = &mut self.scratch;
         let kv_dim = c.kv_heads * c.head_dim;
         let half = c.head_dim / 2;
@@ -625,9 +495,8 @@ impl NativeModel {
                     rotate(head, cos, sin, c.rope);
                 }
                 for h in 0..c.kv_heads {
-                    let at = cache.position(r.slot, l, h, r.pos);
                     let head = h * c.head_dim..(h + 1) * c.head_dim;
-                    cache.write(at, &k[head.clone()], &v[head]);
+                    cache.write(r.slot, l, h, r.pos, &k[head.clone()], &v[head]);
                 }
             }
             attention(team, c, l, rows, cache, &s.q[..n * c.dim], &mut s.partials, &mut s.attn[..n * c.dim]);
@@ -862,13 +731,6 @@ impl Part<'_> {
     }
 }
 
-/// One chunk of a KV head's cached values.
-#[derive(Clone, Copy)]
-enum KvSlice<'a> {
-    F16(&'a [u16]),
-    Q8(&'a [i8]),
-}
-
 /// Keys per attention work item: a row's keys are split into chunks at fixed
 /// positions, so the work spreads over the threads at any context length, and
 /// the result of a row never depends on what else is in the step.
@@ -908,10 +770,7 @@ fn attention(
         .collect();
     let at_once = math::heads_at_once(hd);
     let shards = Shards::new(&mut partials[..len]);
-    let query_i8 = match cache.store {
-        KvStore::Q8 { .. } => math::QueryI8::new(q, hd),
-        KvStore::F16 { .. } => None,
-    };
+    let query_i8 = if cache.reads_q8() { math::QueryI8::new(q, hd) } else { None };
     let cursor = Cursor::new(items.len(), 1);
     team.run(&|_| {
         let mut scores = Vec::with_capacity(at_once * ATTENTION_CHUNK);
@@ -921,7 +780,7 @@ fn attention(
             let r = rows[i];
             let first = ch * ATTENTION_CHUNK;
             let n = (r.pos + 1 - first).min(ATTENTION_CHUNK);
-            let base = cache.position(r.slot, layer, g, first);
+            let chunk = cache.chunk(r.slot, layer, g, first, n, r.pos);
             let mut h = g * group;
             while h < (g + 1) * group {
                 let heads = at_once.min((g + 1) * group - h);
@@ -929,22 +788,19 @@ fn attention(
                 let run = i * c.dim + h * hd..i * c.dim + (h + heads) * hd;
                 let q_i8 = query_i8.as_ref().map(|x| x.get(run.clone()));
                 let q = &q[run];
-                let (kv, value_scales) = match &cache.store {
-                    KvStore::F16 { k, v } => {
-                        math::grouped_scores(q, heads, &k.get()[base * hd..(base + n) * hd], None, scale, &mut scores);
-                        (KvSlice::F16(&v.get()[base * hd..(base + n) * hd]), None)
+                // The values' first lines are on their way while the softmax computes.
+                let value_scales = match chunk {
+                    KvChunk::F16 { keys, values } => {
+                        math::grouped_scores(q, heads, keys, None, scale, &mut scores);
+                        math::start_fetching(values);
+                        None
                     }
-                    KvStore::Q8 { k, v, k_scales, v_scales } => {
-                        let keys = &k.get()[base * hd..(base + n) * hd];
-                        math::grouped_scores_i8(q, q_i8, heads, keys, &k_scales[base..base + n], scale, &mut scores);
-                        (KvSlice::Q8(&v.get()[base * hd..(base + n) * hd]), Some(&v_scales[base..base + n]))
+                    KvChunk::Q8 { keys, values, key_scales, value_scales } => {
+                        math::grouped_scores_i8(q, q_i8, heads, keys, key_scales, scale, &mut scores);
+                        math::start_fetching(values);
+                        Some(value_scales)
                     }
                 };
-                // The values' first lines are on their way while the softmax computes.
-                match kv {
-                    KvSlice::F16(values) => math::start_fetching(values),
-                    KvSlice::Q8(values) => math::start_fetching(values),
-                }
                 let mut stats = [(0f32, 0f32); 3];
                 for (s, st) in stats.iter_mut().enumerate().take(heads) {
                     *st = math::softmax_weights(&mut scores[s * n..(s + 1) * n]);
@@ -956,9 +812,11 @@ fn attention(
                         }
                     }
                 }
-                match kv {
-                    KvSlice::F16(values) => math::grouped_values(&scores, heads, values, &mut sums[..heads * hd]),
-                    KvSlice::Q8(values) => math::grouped_values(&scores, heads, values, &mut sums[..heads * hd]),
+                match chunk {
+                    KvChunk::F16 { values, .. } => {
+                        math::grouped_values(&scores, heads, values, &mut sums[..heads * hd])
+                    }
+                    KvChunk::Q8 { values, .. } => math::grouped_values(&scores, heads, values, &mut sums[..heads * hd]),
                 }
                 for s in 0..heads {
                     let at = ((i * c.heads + h + s) * chunks + ch) * stride;

@@ -187,3 +187,32 @@ fn the_q8_kv_cache_keeps_the_answers() {
     let answer = ask(&mut qwen, "Write a Python function add(a, b) that returns a + b. Only the code.", 40);
     assert!(answer.contains("def add(a, b)") && answer.contains("return a + b"), "{answer}");
 }
+
+/// A fact at the start of a ~1,600-token prompt: with the default (mixed)
+/// KV cache the answer reads it from 8-bit pages, and both models still find
+/// it, as they do with the f16 cache.
+#[test]
+fn a_fact_far_back_in_a_long_prompt_is_found_through_the_default_kv_cache() {
+    let towns = ["Arden", "Brill", "Calder", "Dunmore", "Elton", "Fenwick", "Glenby", "Harlow"];
+    let mut document = String::from("Remember this: the code word for the vault is BLUEBERRY.\n\n");
+    for i in 0..60 {
+        document.push_str(&format!(
+            "Report {}: in {} the market opened at {} o'clock and sold {} baskets of apples.\n",
+            i + 1,
+            towns[i % towns.len()],
+            6 + i % 5,
+            10 + (i * 7) % 90
+        ));
+    }
+    document.push_str("\nWhat is the code word for the vault? Answer with the word only.");
+    for path in [smollm(), qwen()] {
+        for kv_cache in [KvCacheType::default(), KvCacheType::F16] {
+            let mut engine = ChatEngine::load(&path, ChatOptions { kv_cache, ..ChatOptions::new(4096, 1, 2) }).unwrap();
+            let prompt = engine.build_prompt(&user(&document), 24).unwrap().tokens.len();
+            // The fact's page is two pages or more behind the question.
+            assert!(prompt > 3 * 256, "{prompt} tokens");
+            let answer = ask(&mut engine, &document, 24);
+            assert!(answer.contains("BLUEBERRY"), "{} ({kv_cache:?}): {answer}", path.display());
+        }
+    }
+}

@@ -182,9 +182,14 @@ impl KvCache {
         }
     }
 
-    /// Whether attention reads 8-bit keys, and so wants 8-bit queries.
-    pub(super) fn reads_q8(&self) -> bool {
-        !matches!(self.store, KvStore::F16(_))
+    /// Whether attention for any of `rows` reads 8-bit keys, and so wants
+    /// 8-bit queries.
+    pub(super) fn reads_q8(&self, rows: &[Row]) -> bool {
+        match self.store {
+            KvStore::F16(_) => false,
+            KvStore::Q8(_) => true,
+            KvStore::Mixed { .. } => rows.iter().any(|r| r.pos / KV_PAGE >= RECENT_PAGES),
+        }
     }
 
     /// Checks that a step's rows fit the cache: each inside its slot's window,

@@ -770,7 +770,7 @@ fn attention(
         .collect();
     let at_once = math::heads_at_once(hd);
     let shards = Shards::new(&mut partials[..len]);
-    let query_i8 = if cache.reads_q8() { math::QueryI8::new(q, hd) } else { None };
+    let query_i8 = if cache.reads_q8(rows) { math::QueryI8::new(q, hd) } else { None };
     let cursor = Cursor::new(items.len(), 1);
     team.run(&|_| {
         let mut scores = Vec::with_capacity(at_once * ATTENTION_CHUNK);

@@ -129,7 +129,7 @@ pub async fn serve_model(
     let slots = Arc::new(Semaphore::new(slots.max(1)));
     let mut jobs = JoinSet::new();
     let mut open_pull = None;
-    loop {
+    'serve: loop {
         let permit = tokio::select! {
             permit = slots.clone().acquire_owned() => permit.expect("semaphore never closed"),
             _ = shutdown.cancelled() => break,
@@ -152,7 +152,7 @@ pub async fn serve_model(
                 msg = batch.next() => msg,
                 _ = shutdown.cancelled() => {
                     open_pull = Some(batch);
-                    break;
+                    break 'serve;
                 }
             };
             match msg {
@@ -169,9 +169,6 @@ pub async fn serve_model(
                 Some(Err(e)) => tracing::warn!(%model, "pull error: {e}"),
                 None => break,
             }
-        }
-        if open_pull.is_some() {
-            break;
         }
         while jobs.try_join_next().is_some() {}
     }

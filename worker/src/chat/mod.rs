@@ -639,8 +639,7 @@ mod tests {
         write_tiny_qwen2(&path);
         paths.push(path);
         for path in paths {
-            let (content, _) = model::read_content(&path).unwrap();
-            let mut native = NativeModel::load(&path, &content, 2).unwrap();
+            let mut native = tiny_native(&path);
             // Past the first KV page (256 positions), in the second slot.
             let mut cache = KvCache::new(&native.config, 2, 300, 1, KvCacheType::F16);
             let (mut stock, _) = model::load(&path, &Device::Cpu).unwrap();

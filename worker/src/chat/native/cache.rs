@@ -195,43 +195,50 @@ impl KvCache {
     /// Checks that a step's rows fit the cache: each inside its slot's window,
     /// and each slot's rows within the pages the mixed store's ring holds.
     pub(super) fn check(&self, rows: &[Row]) {
-        let mut pages = vec![(usize::MAX, 0); self.slots];
         for r in rows {
             assert!(r.slot < self.slots && r.pos < self.window, "row outside the KV cache: {r:?}");
+        }
+        let KvStore::Mixed { ring, .. } = self.store else { return };
+        if ring == self.pages {
+            return;
+        }
+        let mut pages = vec![(usize::MAX, 0); self.slots];
+        for r in rows {
             let (first, last) = &mut pages[r.slot];
             *first = (*first).min(r.pos / KV_PAGE);
             *last = (*last).max(r.pos / KV_PAGE);
         }
-        if let KvStore::Mixed { ring, .. } = self.store {
-            for (slot, &(first, last)) in pages.iter().enumerate() {
-                assert!(
-                    first == usize::MAX || last - first + RECENT_PAGES <= ring || ring == self.pages,
-                    "slot {slot}'s rows span more pages than the KV ring holds"
-                );
-            }
+        for (slot, &(first, last)) in pages.iter().enumerate() {
+            assert!(
+                first == usize::MAX || last - first + RECENT_PAGES <= ring,
+                "slot {slot}'s rows span more pages than the KV ring holds"
+            );
         }
     }
 
     /// Where position `in_page` of a head is stored in `page`, counted in
     /// positions; the positions of one page follow each other.
     fn index(&self, page: usize, layer: usize, head: usize, in_page: usize) -> usize {
-        ((page * self.layers + layer) * self.kv_heads + head) * KV_PAGE + in_page
+        page * self.page_positions() + (layer * self.kv_heads + head) * KV_PAGE + in_page
+    }
+
+    /// Positions of every layer and head in one page.
+    fn page_positions(&self) -> usize {
+        self.layers * self.kv_heads * KV_PAGE
     }
 
     /// Stores a head's key and value for position `pos` of `slot`.
     pub(super) fn write(&mut self, slot: usize, layer: usize, head: usize, pos: usize, key: &[f32], value: &[f32]) {
-        let (page, in_page) = (pos / KV_PAGE, pos % KV_PAGE);
-        let at = self.index(slot * self.pages + page, layer, head, in_page);
-        let ring_at = match self.store {
-            KvStore::Mixed { ring, .. } => self.index(slot * ring + page % ring, layer, head, in_page),
-            _ => 0,
-        };
+        let page = pos / KV_PAGE;
+        let in_page = self.index(0, layer, head, pos % KV_PAGE);
+        let page_positions = self.page_positions();
+        let at = (slot * self.pages + page) * page_positions + in_page;
         match &mut self.store {
             KvStore::F16(pages) => pages.write(at, key, value),
             KvStore::Q8(pages) => pages.write(at, key, value),
-            KvStore::Mixed { old, recent, .. } => {
+            KvStore::Mixed { old, recent, ring } => {
                 old.write(at, key, value);
-                recent.write(ring_at, key, value);
+                recent.write((slot * *ring + page % *ring) * page_positions + in_page, key, value);
             }
         }
     }

@@ -411,6 +411,27 @@ mod avx2 {
     pub const Q5_0: u8 = 1;
     pub const Q8_0: u8 = 2;
 
+    /// How far ahead of the block in hand the kernels ask for weight bytes.
+    /// The hardware prefetchers alone fall behind once a batch makes each
+    /// block's arithmetic long (measured on Zen 3: an eight-row product
+    /// streaming from memory ran about 1.3× faster for Q4_1 and 1.9× for
+    /// Q8_0 with 4 KiB ahead; 1 and 16 KiB were slower than 2-8 KiB).
+    const PREFETCH_AHEAD: usize = 4096;
+
+    /// Asks for the cache lines `PREFETCH_AHEAD` bytes past the `len` bytes
+    /// at `x`. Prefetches never fault, so running past the matrix's end is
+    /// harmless (hence `wrapping_add`: no pointer is formed into memory that
+    /// is read).
+    #[inline(always)]
+    unsafe fn prefetch(x: *const u8, len: usize) {
+        let ahead = x.wrapping_add(PREFETCH_AHEAD);
+        let mut at = 0;
+        while at < len {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(at) as *const i8);
+            at += 64;
+        }
+    }
+
     /// Four activation bytes at `p` in every lane.
     #[inline(always)]
     unsafe fn broadcast4(p: *const u8) -> __m256i {
@@ -453,6 +474,7 @@ mod avx2 {
         let mut acc = [_mm256_setzero_ps(); M];
         for b in 0..nb {
             let x = g.add(b * bb);
+            prefetch(x, bb);
             let mut isum = [_mm256_setzero_si256(); M];
             if K == Q8_0 {
                 for c in 0..8 {
@@ -537,6 +559,7 @@ mod avx2 {
         let mut acc = [_mm256_setzero_ps(); M];
         for sb in 0..nsb {
             let x = g.add(sb * 1184);
+            prefetch(x, 1184);
             let y = a.map(|a| a.add(sb * Q8K_BYTES));
             let mut isum = [_mm256_setzero_si256(); M];
             for chunk in 0..4 {
@@ -591,6 +614,7 @@ mod avx2 {
         let mut acc = [_mm256_setzero_ps(); M];
         for sb in 0..nsb {
             let x = g.add(sb * 1680);
+            prefetch(x, 1680);
             let y = a.map(|a| a.add(sb * Q8K_BYTES));
             let mut isum = [_mm256_setzero_si256(); M];
             let mut offset = [_mm256_setzero_si256(); M];

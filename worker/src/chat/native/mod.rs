@@ -720,13 +720,13 @@ impl Part<'_> {
         let w = self.w;
         let a: [&[u8]; M] = std::array::from_fn(|m| self.acts.row(w.wt.activation(), r + m));
         let d = grouped::dot::<M>(w.wt, w.unit(g), a, w.cols);
+        // The last group may hold fewer than eight rows.
+        let first = g * grouped::GROUP;
+        let n = grouped::GROUP.min(w.rows - first);
         for (m, values) in d.iter().enumerate() {
-            for (j, v) in values.iter().enumerate() {
-                let o = g * grouped::GROUP + j;
-                if o < w.rows {
-                    self.put(r + m, o, *v);
-                }
-            }
+            let at = (r + m) * w.rows + first;
+            // SAFETY: each output is written by the one thread that owns its row.
+            unsafe { self.out.part(at..at + n) }.copy_from_slice(&values[..n]);
         }
     }
 }

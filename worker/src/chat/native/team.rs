@@ -29,6 +29,10 @@ struct Shared {
     pending: AtomicUsize,
     panicked: AtomicBool,
     stop: AtomicBool,
+    /// Helpers asleep (or about to be) on `wake`: `run` takes the lock and
+    /// wakes them only when there are some, so a step's hundreds of tasks
+    /// cost no system call while the helpers spin.
+    sleeping: AtomicUsize,
     sleep: Mutex<()>,
     wake: Condvar,
 }
@@ -54,6 +58,7 @@ impl Team {
             pending: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
             stop: AtomicBool::new(false),
+            sleeping: AtomicUsize::new(0),
             sleep: Mutex::new(()),
             wake: Condvar::new(),
         });
@@ -86,9 +91,13 @@ impl Team {
         let erased: Task = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), Task>(task) };
         unsafe { *shared.task.get() = Some(erased) };
         shared.pending.store(shared.size - 1, Ordering::Relaxed);
-        shared.generation.fetch_add(1, Ordering::Release);
-        drop(shared.sleep.lock().unwrap_or_else(|e| e.into_inner()));
-        shared.wake.notify_all();
+        // SeqCst pairs with the helper's: either it sees the new generation
+        // before it sleeps, or this sees it counted as sleeping.
+        shared.generation.fetch_add(1, Ordering::SeqCst);
+        if shared.sleeping.load(Ordering::SeqCst) > 0 {
+            drop(shared.sleep.lock().unwrap_or_else(|e| e.into_inner()));
+            shared.wake.notify_all();
+        }
 
         struct Wait<'a>(&'a Shared);
         impl Drop for Wait<'_> {
@@ -127,9 +136,13 @@ fn helper(shared: &Shared, id: usize) {
                 continue;
             }
             let guard = shared.sleep.lock().unwrap_or_else(|e| e.into_inner());
-            if shared.generation.load(Ordering::Acquire) == seen && !shared.stop.load(Ordering::Relaxed) {
+            shared.sleeping.fetch_add(1, Ordering::SeqCst);
+            if shared.generation.load(Ordering::SeqCst) == seen && !shared.stop.load(Ordering::SeqCst) {
                 drop(shared.wake.wait(guard).unwrap_or_else(|e| e.into_inner()));
+            } else {
+                drop(guard);
             }
+            shared.sleeping.fetch_sub(1, Ordering::SeqCst);
         }
         // SAFETY: published by `run` before the generation bump seen above.
         let task = unsafe { (*shared.task.get()).expect("a task is set before each generation") };

@@ -468,8 +468,10 @@ impl NativeModel {
         }
         let team = &self.team;
         for (l, layer) in self.layers.iter().enumerate() {
-            // Attention.
-            norm_rows(&s.x[..n * c.dim], &layer.attn_norm, c.eps, &mut s.xn[..n * c.dim], c.dim);
+            // Attention (the previous layer's feed-forward output joins the
+            // residual stream here).
+            let down = (l > 0).then_some(&s.tmp[..n * c.dim]);
+            add_and_norm(team, &mut s.x[..n * c.dim], down, &layer.attn_norm, c.eps, &mut s.xn[..n * c.dim], c.dim);
             let acts = quantize(team, &mut s.acts, &s.xn[..n * c.dim], c.dim, &[&layer.wq, &layer.wk, &layer.wv]);
             matmul(
                 team,
@@ -481,41 +483,65 @@ impl NativeModel {
                     (&layer.wv, &mut s.v[..n * kv_dim]),
                 ],
             );
+            {
+                let (q, k, v) = (
+                    Shards::new(&mut s.q[..n * c.dim]),
+                    Shards::new(&mut s.k[..n * kv_dim]),
+                    Shards::new(&mut s.v[..n * kv_dim]),
+                );
+                let (cos, sin) = (&s.cos, &s.sin);
+                per_row(team, n, &|range| {
+                    for i in range {
+                        // SAFETY: each row is handled by one thread.
+                        let (q, k, v) = unsafe {
+                            (
+                                q.part(i * c.dim..(i + 1) * c.dim),
+                                k.part(i * kv_dim..(i + 1) * kv_dim),
+                                v.part(i * kv_dim..(i + 1) * kv_dim),
+                            )
+                        };
+                        if let Some([bq, bk, bv]) = &layer.bias {
+                            add(q, bq);
+                            add(k, bk);
+                            add(v, bv);
+                        }
+                        let (cos, sin) = (&cos[i * half..(i + 1) * half], &sin[i * half..(i + 1) * half]);
+                        for head in q.chunks_exact_mut(c.head_dim).chain(k.chunks_exact_mut(c.head_dim)) {
+                            rotate(head, cos, sin, c.rope);
+                        }
+                    }
+                });
+            }
             for (i, r) in rows.iter().enumerate() {
-                let q = &mut s.q[i * c.dim..(i + 1) * c.dim];
-                let k = &mut s.k[i * kv_dim..(i + 1) * kv_dim];
-                let v = &mut s.v[i * kv_dim..(i + 1) * kv_dim];
-                if let Some([bq, bk, bv]) = &layer.bias {
-                    add(q, bq);
-                    add(k, bk);
-                    add(v, bv);
-                }
-                let (cos, sin) = (&s.cos[i * half..(i + 1) * half], &s.sin[i * half..(i + 1) * half]);
-                for head in q.chunks_exact_mut(c.head_dim).chain(k.chunks_exact_mut(c.head_dim)) {
-                    rotate(head, cos, sin, c.rope);
-                }
                 for h in 0..c.kv_heads {
-                    let head = h * c.head_dim..(h + 1) * c.head_dim;
-                    cache.write(r.slot, l, h, r.pos, &k[head.clone()], &v[head]);
+                    let head = i * kv_dim + h * c.head_dim..i * kv_dim + (h + 1) * c.head_dim;
+                    cache.write(r.slot, l, h, r.pos, &s.k[head.clone()], &s.v[head]);
                 }
             }
             attention(team, c, l, rows, cache, &s.q[..n * c.dim], &mut s.partials, &mut s.attn[..n * c.dim]);
             let acts = quantize(team, &mut s.acts, &s.attn[..n * c.dim], c.dim, &[&layer.wo]);
             matmul(team, &acts, n, &mut [(&layer.wo, &mut s.tmp[..n * c.dim])]);
-            add(&mut s.x[..n * c.dim], &s.tmp[..n * c.dim]);
 
             // Feed-forward.
-            norm_rows(&s.x[..n * c.dim], &layer.ffn_norm, c.eps, &mut s.xn[..n * c.dim], c.dim);
+            let attended = Some(&s.tmp[..n * c.dim]);
+            add_and_norm(team, &mut s.x[..n * c.dim], attended, &layer.ffn_norm, c.eps, &mut s.xn[..n * c.dim], c.dim);
             let acts = quantize(team, &mut s.acts, &s.xn[..n * c.dim], c.dim, &[&layer.gate, &layer.up]);
             matmul(team, &acts, n, &mut [(&layer.gate, &mut s.gate[..n * c.ff]), (&layer.up, &mut s.up[..n * c.ff])]);
-            let mut scratch = Vec::new();
-            for i in 0..n {
-                math::swiglu(&mut s.gate[i * c.ff..(i + 1) * c.ff], &s.up[i * c.ff..(i + 1) * c.ff], &mut scratch);
+            {
+                let (gate, up) = (Shards::new(&mut s.gate[..n * c.ff]), &s.up);
+                per_row(team, n, &|range| {
+                    let mut scratch = Vec::new();
+                    for i in range {
+                        // SAFETY: each row is handled by one thread.
+                        let gate = unsafe { gate.part(i * c.ff..(i + 1) * c.ff) };
+                        math::swiglu(gate, &up[i * c.ff..(i + 1) * c.ff], &mut scratch);
+                    }
+                });
             }
             let acts = quantize(team, &mut s.acts, &s.gate[..n * c.ff], c.ff, &[&layer.down]);
             matmul(team, &acts, n, &mut [(&layer.down, &mut s.tmp[..n * c.dim])]);
-            add(&mut s.x[..n * c.dim], &s.tmp[..n * c.dim]);
         }
+        add(&mut s.x[..n * c.dim], &s.tmp[..n * c.dim]);
 
         let wanted: Vec<usize> = (0..n).filter(|&i| rows[i].logits).collect();
         for (j, &i) in wanted.iter().enumerate() {
@@ -545,10 +571,40 @@ fn add(x: &mut [f32], y: &[f32]) {
     }
 }
 
-fn norm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32], dim: usize) {
-    for (xr, or) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
-        math::rms_norm(xr, weight, eps, or);
+/// Runs `f` over rows `0..n`, the rows shared among the team's threads when
+/// there are several. Work per row that is left to one thread would keep the
+/// other threads waiting between the matrix products of a batched step.
+fn per_row(team: &Team, n: usize, f: &(dyn Fn(Range<usize>) + Sync)) {
+    if n >= 2 && team.size() > 1 {
+        team.run(&|id| f(share(n, id, team.size(), 1)));
+    } else {
+        f(0..n);
     }
+}
+
+/// `x += residual` (when given), then `out = rms_norm(x)`, row by row.
+fn add_and_norm(
+    team: &Team,
+    x: &mut [f32],
+    residual: Option<&[f32]>,
+    weight: &[f32],
+    eps: f32,
+    out: &mut [f32],
+    dim: usize,
+) {
+    let rows = x.len() / dim;
+    let (x, out) = (Shards::new(x), Shards::new(out));
+    per_row(team, rows, &|range| {
+        for i in range {
+            let row = i * dim..(i + 1) * dim;
+            // SAFETY: each row is handled by one thread.
+            let (x, out) = unsafe { (x.part(row.clone()), out.part(row.clone())) };
+            if let Some(residual) = residual {
+                add(x, &residual[row]);
+            }
+            math::rms_norm(x, weight, eps, out);
+        }
+    });
 }
 
 fn rotate(head: &mut [f32], cos: &[f32], sin: &[f32], rope: Rope) {
@@ -726,7 +782,12 @@ impl Part<'_> {
         for (m, values) in d.iter().enumerate() {
             let at = (r + m) * w.rows + first;
             // SAFETY: each output is written by the one thread that owns its row.
-            unsafe { self.out.part(at..at + n) }.copy_from_slice(&values[..n]);
+            let out = unsafe { self.out.part(at..at + n) };
+            // A whole group is copied with a known length, so without a call.
+            match <&mut [f32; grouped::GROUP]>::try_from(&mut *out) {
+                Ok(whole) => *whole = *values,
+                Err(_) => out.copy_from_slice(&values[..n]),
+            }
         }
     }
 }

@@ -550,7 +550,8 @@ impl NativeModel {
             math::rms_norm(&row, &self.out_norm, c.eps, &mut s.xn[dst..dst + c.dim]);
         }
         let m = wanted.len();
-        logits.clear();
+        // Every value is written by the product, so what the buffer held is
+        // not cleared first.
         logits.resize(m * c.vocab, 0.0);
         if m > 0 {
             let acts = quantize(team, &mut s.acts, &s.xn[..m * c.dim], c.dim, &[&self.output]);
@@ -710,8 +711,8 @@ fn matmul_part(w: &Weight, acts: &Acts, rows: usize, range: Range<usize>, out: &
             // (a decode step of eight streams reads its weights once, at half
             // the bandwidth two passes would need); the panel stays in L2 for
             // the next eight.
-            for first in (0..rows).step_by(ACTIVATION_ROWS_PER_GROUP) {
-                part.sweep_groups(first..(first + ACTIVATION_ROWS_PER_GROUP).min(rows));
+            for first in (0..rows).step_by(grouped::MAX_ACTIVATION_ROWS) {
+                part.sweep_groups(first..(first + grouped::MAX_ACTIVATION_ROWS).min(rows));
             }
         } else {
             part.sweep_rows(rows);
@@ -719,9 +720,6 @@ fn matmul_part(w: &Weight, acts: &Acts, rows: usize, range: Range<usize>, out: &
         start = end;
     }
 }
-
-/// Activation rows that meet a group before the next group.
-const ACTIVATION_ROWS_PER_GROUP: usize = 8;
 
 /// One thread's panel of weight units in a matrix product.
 struct Part<'a> {
@@ -750,37 +748,20 @@ impl Part<'_> {
         }
     }
 
-    /// Multiplies each group of the panel with activation rows `acts`, four at
-    /// a time (the broadcast activations and the 16-bit sums of four rows stay
-    /// in registers), then two, then one.
+    /// Multiplies each group of the panel with activation rows `acts`.
     fn sweep_groups(&self, acts: Range<usize>) {
-        for g in self.panel.clone() {
-            let mut r = acts.start;
-            while r + 4 <= acts.end {
-                self.group_tile::<4>(g, r);
-                r += 4;
-            }
-            if r + 2 <= acts.end {
-                self.group_tile::<2>(g, r);
-                r += 2;
-            }
-            if r < acts.end {
-                self.group_tile::<1>(g, r);
-            }
-        }
-    }
-
-    /// Group `g` times activation rows `r..r + M`.
-    #[inline(always)]
-    fn group_tile<const M: usize>(&self, g: usize, r: usize) {
         let w = self.w;
-        let a: [&[u8]; M] = std::array::from_fn(|m| self.acts.row(w.wt.activation(), r + m));
-        let d = grouped::dot::<M>(w.wt, w.unit(g), a, w.cols);
-        // The last group may hold fewer than eight rows.
-        let first = g * grouped::GROUP;
-        let n = grouped::GROUP.min(w.rows - first);
-        for (m, values) in d.iter().enumerate() {
-            let at = (r + m) * w.rows + first;
+        let act = w.wt.activation();
+        let mut rows = [&[][..]; grouped::MAX_ACTIVATION_ROWS];
+        for (slot, r) in rows.iter_mut().zip(acts.clone()) {
+            *slot = self.acts.row(act, r);
+        }
+        let groups = &w.data.bytes()[self.panel.start * w.unit_bytes..self.panel.end * w.unit_bytes];
+        grouped::dot_groups(w.wt, groups, &rows[..acts.len()], w.cols, |g, m, values| {
+            // The last group may hold fewer than eight rows.
+            let first = (self.panel.start + g) * grouped::GROUP;
+            let n = grouped::GROUP.min(w.rows - first);
+            let at = (acts.start + m) * w.rows + first;
             // SAFETY: each output is written by the one thread that owns its row.
             let out = unsafe { self.out.part(at..at + n) };
             // A whole group is copied with a known length, so without a call.
@@ -788,7 +769,7 @@ impl Part<'_> {
                 Ok(whole) => *whole = *values,
                 Err(_) => out.copy_from_slice(&values[..n]),
             }
-        }
+        });
     }
 }
 

@@ -42,7 +42,8 @@ pub enum NativeError {
 
 /// A weight matrix as its GGUF blocks: `rows` rows of `cols` values each,
 /// stored in units of one row (f32) or of a group of rows (the quantized
-/// types, see [`grouped`]; the last group padded with zero rows).
+/// types, see [`grouped`]; the last group padded with zero rows). The bytes
+/// sit at `offset` in an allocation that the model's matrices share.
 pub struct Weight {
     wt: WeightType,
     rows: usize,
@@ -50,13 +51,16 @@ pub struct Weight {
     unit_rows: usize,
     unit_bytes: usize,
     data: Arc<Aligned>,
+    offset: usize,
 }
 
-/// A matrix's bytes, 64-byte aligned so block types with f16/f32 fields can be
-/// viewed in place. Matrices of 2 MiB and more sit on 2 MiB boundaries and ask
-/// for transparent huge pages: decoding streams every weight once per token,
-/// and with 4 KiB pages the CPU's prefetchers stop at every page boundary
-/// (measured: a Q5_0 row kernel reads memory about 1.5× faster on huge pages).
+/// Matrices' bytes, 64-byte aligned so block types with f16/f32 fields can be
+/// viewed in place. Allocations of 2 MiB and more sit on 2 MiB boundaries and
+/// ask for transparent huge pages: decoding streams every weight once per
+/// token, and with 4 KiB pages the CPU's prefetchers stop at every page
+/// boundary and every page costs a TLB miss (measured: a Q5_0 row kernel reads
+/// memory about 1.5× faster on huge pages). A layer's matrices are each far
+/// smaller than a huge page, so all the model's matrices share one allocation.
 struct Aligned {
     ptr: std::ptr::NonNull<u8>,
     len: usize,
@@ -128,9 +132,14 @@ impl Weight {
         Weight { data: self.data.clone(), ..*self }
     }
 
+    /// Units `units`: rows, or groups of rows `u·GROUP..`.
+    fn units(&self, units: Range<usize>) -> &[u8] {
+        &self.data.bytes()[self.offset + units.start * self.unit_bytes..self.offset + units.end * self.unit_bytes]
+    }
+
     /// Unit `u`: row `u`, or the group of rows `u·GROUP..`.
     fn unit(&self, u: usize) -> &[u8] {
-        &self.data.bytes()[u * self.unit_bytes..(u + 1) * self.unit_bytes]
+        self.units(u..u + 1)
     }
 
     /// The row count rounded up to whole units.
@@ -144,6 +153,27 @@ impl Weight {
         } else {
             grouped::dequantize_row(self.wt, self.unit(r / self.unit_rows), r % self.unit_rows, out);
         }
+    }
+}
+
+/// A matrix of the GGUF file as it will be stored.
+struct MatrixLayout {
+    name: String,
+    wt: WeightType,
+    rows: usize,
+    cols: usize,
+    unit_rows: usize,
+    unit_bytes: usize,
+}
+
+impl MatrixLayout {
+    fn bytes(&self) -> usize {
+        self.rows.div_ceil(self.unit_rows) * self.unit_bytes
+    }
+
+    fn weight(self, data: Arc<Aligned>, offset: usize) -> Weight {
+        let MatrixLayout { wt, rows, cols, unit_rows, unit_bytes, .. } = self;
+        Weight { wt, rows, cols, unit_rows, unit_bytes, data, offset }
     }
 }
 
@@ -292,7 +322,8 @@ impl NativeModel {
 
         let file = std::fs::File::open(path).map_err(|source| NativeError::Read { path: path.into(), source })?;
         let file = std::cell::RefCell::new(file);
-        let load = |name: &str| -> Result<Weight, NativeError> {
+        // Where each matrix's bytes go: its type and shape, checked.
+        let layout = |name: &str| -> Result<MatrixLayout, NativeError> {
             let info = content
                 .tensor_infos
                 .get(name)
@@ -305,31 +336,37 @@ impl NativeModel {
             if cols % wt.block_elems() != 0 || cols % 32 != 0 {
                 return Err(NativeError::Unsupported(format!("{name} has {cols} columns")));
             }
-            let gguf_row_bytes = wt.row_bytes(cols);
-            let mut raw = vec![0u8; rows * gguf_row_bytes];
-            let read = |source| NativeError::Read { path: path.into(), source };
-            let mut file = file.borrow_mut();
-            file.seek(SeekFrom::Start(content.tensor_data_offset + info.offset)).map_err(read)?;
-            file.read_exact(&mut raw).map_err(read)?;
             let (unit_rows, unit_bytes) = if grouped::is_grouped(wt) {
                 (grouped::GROUP, grouped::group_bytes(wt, cols))
             } else {
-                (1, gguf_row_bytes)
+                (1, wt.row_bytes(cols))
             };
-            let mut data = Aligned::zeroed(rows.div_ceil(unit_rows) * unit_bytes);
-            for (src, unit) in raw.chunks(unit_rows * gguf_row_bytes).zip(data.bytes_mut().chunks_exact_mut(unit_bytes))
-            {
-                if unit_rows == 1 {
+            Ok(MatrixLayout { name: name.to_string(), wt, rows, cols, unit_rows, unit_bytes })
+        };
+        // Reads a matrix's GGUF rows into `out`, grouped where its type is.
+        let read_into = |m: &MatrixLayout, out: &mut [u8]| -> Result<(), NativeError> {
+            let gguf_row_bytes = m.wt.row_bytes(m.cols);
+            let mut raw = vec![0u8; m.rows * gguf_row_bytes];
+            let read = |source| NativeError::Read { path: path.into(), source };
+            let mut file = file.borrow_mut();
+            file.seek(SeekFrom::Start(content.tensor_data_offset + content.tensor_infos[&m.name].offset))
+                .map_err(read)?;
+            file.read_exact(&mut raw).map_err(read)?;
+            for (src, unit) in raw.chunks(m.unit_rows * gguf_row_bytes).zip(out.chunks_exact_mut(m.unit_bytes)) {
+                if m.unit_rows == 1 {
                     unit.copy_from_slice(src);
                 } else {
                     let rows: Vec<&[u8]> = src.chunks_exact(gguf_row_bytes).collect();
-                    grouped::pack(wt, &rows, unit);
+                    grouped::pack(m.wt, &rows, unit);
                 }
             }
-            Ok(Weight { wt, rows, cols, unit_rows, unit_bytes, data: Arc::new(data) })
+            Ok(())
         };
         let vector = |name: &str, len: usize| -> Result<Vec<f32>, NativeError> {
-            let w = load(name)?;
+            let m = layout(name)?;
+            let mut data = Aligned::zeroed(m.bytes());
+            read_into(&m, data.bytes_mut())?;
+            let w = m.weight(Arc::new(data), 0);
             let mut out = vec![0f32; w.rows * w.cols];
             for r in 0..w.rows {
                 w.dequantize_row(r, &mut out[r * w.cols..(r + 1) * w.cols]);
@@ -340,6 +377,31 @@ impl NativeModel {
             Ok(out)
         };
         let out_norm = vector("output_norm.weight", dim)?;
+        // Every matrix in the order a step reads them, each on a 64-byte
+        // boundary of one allocation.
+        const MATRICES: [&str; 7] = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"];
+        let mut names: Vec<String> =
+            (0..layers).flat_map(|l| MATRICES.map(|m| format!("blk.{l}.{m}.weight"))).collect();
+        names.push("token_embd.weight".into());
+        let tied = !content.tensor_infos.contains_key("output.weight");
+        if !tied {
+            names.push("output.weight".into());
+        }
+        let mut layouts = Vec::with_capacity(names.len());
+        let mut end = 0usize;
+        for name in &names {
+            let m = layout(name)?;
+            let offset = end.next_multiple_of(64);
+            end = offset + m.bytes();
+            layouts.push((m, offset));
+        }
+        let mut arena = Aligned::zeroed(end);
+        for (m, offset) in &layouts {
+            read_into(m, &mut arena.bytes_mut()[*offset..*offset + m.bytes()])?;
+        }
+        let arena = Arc::new(arena);
+        let mut weights = layouts.into_iter().map(|(m, offset)| m.weight(arena.clone(), offset));
+        let mut next = || weights.next().expect("a weight per name");
         let mut layer_list = Vec::with_capacity(layers);
         let kv_dim = kv_heads * head_dim;
         for l in 0..layers {
@@ -357,18 +419,17 @@ impl NativeModel {
                 attn_norm: vector(&p("attn_norm.weight"), dim)?,
                 bias,
                 ffn_norm: vector(&p("ffn_norm.weight"), dim)?,
-                wq: load(&p("attn_q.weight"))?,
-                wk: load(&p("attn_k.weight"))?,
-                wv: load(&p("attn_v.weight"))?,
-                wo: load(&p("attn_output.weight"))?,
-                gate: load(&p("ffn_gate.weight"))?,
-                up: load(&p("ffn_up.weight"))?,
-                down: load(&p("ffn_down.weight"))?,
+                wq: next(),
+                wk: next(),
+                wv: next(),
+                wo: next(),
+                gate: next(),
+                up: next(),
+                down: next(),
             });
         }
-        let embed = load("token_embd.weight")?;
-        let output =
-            if content.tensor_infos.contains_key("output.weight") { load("output.weight")? } else { embed.shape() };
+        let embed = next();
+        let output = if tied { embed.shape() } else { next() };
         let ff = layer_list.first().map(|l| l.gate.rows).unwrap_or(0);
         let config = Config {
             dim,
@@ -423,18 +484,9 @@ impl NativeModel {
         self.team.size()
     }
 
-    /// Bytes of weights held.
+    /// Bytes of weights held: the matrices' shared allocation and the final norm.
     pub fn weight_bytes(&self) -> usize {
-        let mut total = self.embed.data.len + self.out_norm.len() * 4;
-        if !Arc::ptr_eq(&self.embed.data, &self.output.data) {
-            total += self.output.data.len;
-        }
-        for l in &self.layers {
-            for w in [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down] {
-                total += w.data.len;
-            }
-        }
-        total
+        self.embed.data.len + self.out_norm.len() * 4
     }
 
     /// Runs one step over `rows`, writing their keys and values into `cache`,
@@ -756,7 +808,7 @@ impl Part<'_> {
         for (slot, r) in rows.iter_mut().zip(acts.clone()) {
             *slot = self.acts.row(act, r);
         }
-        let groups = &w.data.bytes()[self.panel.start * w.unit_bytes..self.panel.end * w.unit_bytes];
+        let groups = w.units(self.panel.clone());
         grouped::dot_groups(w.wt, groups, &rows[..acts.len()], w.cols, |g, m, values| {
             // The last group may hold fewer than eight rows.
             let first = (self.panel.start + g) * grouped::GROUP;

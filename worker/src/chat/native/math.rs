@@ -535,8 +535,7 @@ pub fn to_i8(x: &[f32], out: &mut [i8]) -> f32 {
 
 /// Asks for the first [`FETCH_START_BYTES`] of `data`: a kernel's own prefetch
 /// runs only a short way ahead of it, so without this its first lines are
-/// waited for one by one, and the softmax before the value pass leaves the
-/// memory bus idle.
+/// waited for one by one.
 pub fn start_fetching<T>(data: &[T]) {
     fetch_lines(data.as_ptr().cast(), std::mem::size_of_val(data).min(FETCH_START_BYTES));
 }

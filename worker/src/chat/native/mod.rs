@@ -875,6 +875,20 @@ fn attention(
             let first = ch * ATTENTION_CHUNK;
             let n = (r.pos + 1 - first).min(ATTENTION_CHUNK);
             let chunk = cache.chunk(r.slot, layer, g, first, n, r.pos);
+            // Each item starts two new streams in memory, keys and values:
+            // their first lines are asked for together, so neither waits for
+            // its first misses one by one (measured at depth 2000: the
+            // attention's share of a step about a seventh shorter).
+            match chunk {
+                KvChunk::F16 { keys, values } => {
+                    math::start_fetching(keys);
+                    math::start_fetching(values);
+                }
+                KvChunk::Q8 { keys, values, .. } => {
+                    math::start_fetching(keys);
+                    math::start_fetching(values);
+                }
+            }
             let mut h = g * group;
             while h < (g + 1) * group {
                 let heads = at_once.min((g + 1) * group - h);
@@ -882,16 +896,13 @@ fn attention(
                 let run = i * c.dim + h * hd..i * c.dim + (h + heads) * hd;
                 let q_i8 = query_i8.as_ref().map(|x| x.get(run.clone()));
                 let q = &q[run];
-                // The values' first lines are on their way while the softmax computes.
                 let value_scales = match chunk {
-                    KvChunk::F16 { keys, values } => {
+                    KvChunk::F16 { keys, .. } => {
                         math::grouped_scores(q, heads, keys, None, scale, &mut scores);
-                        math::start_fetching(values);
                         None
                     }
-                    KvChunk::Q8 { keys, values, key_scales, value_scales } => {
+                    KvChunk::Q8 { keys, key_scales, value_scales, .. } => {
                         math::grouped_scores_i8(q, q_i8, heads, keys, key_scales, scale, &mut scores);
-                        math::start_fetching(values);
                         Some(value_scales)
                     }
                 };

@@ -53,7 +53,7 @@ async fn two_workers(extra_env: &[(&str, &str)]) -> Fleet {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(serving, 2, "both workers announced themselves");
-    let jobs = JobClient::connect(&nats.url(), &settings(3.0, 3)).await.unwrap();
+    let jobs = JobClient::connect(&nats.settings(), &settings(3.0, 3)).await.unwrap();
     Fleet { nats, _dir: dir, a, b, jobs }
 }
 

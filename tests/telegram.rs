@@ -57,12 +57,13 @@ impl Bot {
         }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let config = BotsConfig {
-            nats_url: stack.nats.url(),
+            nats: stack.nats.settings(),
             jetstream: Default::default(),
             catalog: natter_shared::catalog::Catalog::load(&repo_root().join("config/models.toml")).unwrap(),
             http_addr: listener.local_addr().unwrap(),
             job_timeout: Duration::from_secs(300),
             max_upload: natter_bots::DEFAULT_MAX_UPLOAD,
+            api_keys: Default::default(),
             telegram: Some((telegram, store.to_path_buf())),
             discord: None,
         };

@@ -8,13 +8,14 @@ use natter_shared::jetstream::{consumer_name, ensure_streams, JetStreamSettings,
 use natter_shared::proto::{
     Blob, ErrorCode, Event, EventBody, FinishReason, Job, JobKind, JobResult, Metrics, OcrLine, OcrTimings, Segment,
 };
+use natter_shared::nats::NatsSettings;
 use natter_shared::subjects;
 use uuid::Uuid;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot connect to NATS at {url}: {source}")]
-    Connect { url: String, source: async_nats::ConnectError },
+    #[error(transparent)]
+    Connect(#[from] natter_shared::nats::NatsError),
     #[error(transparent)]
     Setup(#[from] natter_shared::jetstream::SetupError),
     #[error("cannot submit the job: {0}")]
@@ -37,12 +38,8 @@ pub struct JobClient {
 }
 
 impl JobClient {
-    pub async fn connect(url: &str, settings: &JetStreamSettings) -> Result<Self, ClientError> {
-        let client = async_nats::ConnectOptions::new()
-            .name("natter-bots")
-            .connect(url)
-            .await
-            .map_err(|source| ClientError::Connect { url: url.into(), source })?;
+    pub async fn connect(nats: &NatsSettings, settings: &JetStreamSettings) -> Result<Self, ClientError> {
+        let client = nats.connect("natter-bots").await?;
         let js = jetstream::new(client.clone());
         let streams = ensure_streams(&js, settings).await?;
         Ok(JobClient { client, js, events: streams.events, blobs: streams.blobs })

@@ -37,13 +37,15 @@ pub enum BotsError {
 
 #[derive(Clone, Debug)]
 pub struct BotsConfig {
-    pub nats_url: String,
+    pub nats: natter_shared::nats::NatsSettings,
     pub jetstream: JetStreamSettings,
     pub catalog: Catalog,
     pub http_addr: SocketAddr,
     pub job_timeout: Duration,
     /// Largest file (audio, an image) the upload endpoints accept, in bytes.
     pub max_upload: usize,
+    /// Keys the HTTP API asks for, each naming a user; empty leaves it open.
+    pub api_keys: http::auth::ApiKeys,
     /// The Telegram bot, when a token is configured, and its store.
     pub telegram: Option<(telegram::TelegramConfig, std::path::PathBuf)>,
     /// The Discord bot, when a token is configured, and its store.
@@ -88,7 +90,7 @@ pub async fn serve(
     config: BotsConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), BotsError> {
-    let jobs = client::JobClient::connect(&config.nats_url, &config.jetstream).await?;
+    let jobs = client::JobClient::connect(&config.nats, &config.jetstream).await?;
     // Both front-ends stop on the same signal.
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
     let telegram = match config.telegram {
@@ -113,6 +115,7 @@ pub async fn serve(
         catalog: Arc::new(config.catalog),
         job_timeout: config.job_timeout,
         max_upload: config.max_upload,
+        api_keys: config.api_keys,
     };
     let addr = listener.local_addr().map_err(BotsError::Serve)?;
     tracing::info!("dashboard and API on http://{addr}/");

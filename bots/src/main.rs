@@ -17,12 +17,14 @@ struct Cli {
     /// natter.toml to read; flags and environment variables override it.
     #[arg(long, env = "NATTER_CONFIG", default_value = "config/natter.toml")]
     config: PathBuf,
-    /// NATS server URL.
-    #[arg(long, env = "NATS_URL")]
-    nats_url: Option<String>,
+    #[command(flatten)]
+    nats: natter_shared::nats::NatsArgs,
     /// Address of the dashboard and the API.
     #[arg(long, env = "NATTER_HTTP_ADDR")]
     http_addr: Option<SocketAddr>,
+    /// API keys as `user:key`, comma-separated; with any set, every API call needs one.
+    #[arg(long, env = "NATTER_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    api_keys: Option<Vec<natter_shared::secret::Secret>>,
     /// The model catalog (models.toml).
     #[arg(long, env = "NATTER_CATALOG")]
     catalog: Option<PathBuf>,
@@ -141,13 +143,20 @@ fn main() -> anyhow::Result<()> {
         };
         Some((bot, cli.discord_store.unwrap_or(file.discord.store.clone())))
     };
+    let mut jetstream = file.jetstream;
+    if let Some(replicas) = cli.nats.js_replicas {
+        anyhow::ensure!(replicas >= 1, "--js-replicas must be at least 1");
+        jetstream.replicas = replicas;
+    }
+    let api_keys = natter_bots::http::auth::ApiKeys::parse(&cli.api_keys.unwrap_or(file.http.api_keys.clone()))?;
     let config = natter_bots::BotsConfig {
-        nats_url: cli.nats_url.unwrap_or(file.nats.url),
-        jetstream: file.jetstream,
+        nats: cli.nats.resolve(&file.nats),
+        jetstream,
         catalog,
         http_addr: cli.http_addr.unwrap_or(file.http.addr),
         job_timeout: Duration::from_secs_f64(timeout),
         max_upload: cli.max_upload,
+        api_keys,
         telegram,
         discord,
     };

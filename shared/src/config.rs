@@ -2,6 +2,7 @@
 //! defaults; each binary's flags, each with an environment variable, override them.
 
 use crate::jetstream::JetStreamSettings;
+use crate::nats::NatsSettings;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -18,7 +19,7 @@ pub enum ConfigError {
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FileConfig {
-    pub nats: NatsSection,
+    pub nats: NatsSettings,
     pub jetstream: JetStreamSettings,
     pub models: ModelsSection,
     pub worker: WorkerSection,
@@ -99,18 +100,6 @@ impl Default for TelegramSection {
             admins: Vec::new(),
             daily_quota: 0,
         }
-    }
-}
-
-#[derive(Clone, Debug, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct NatsSection {
-    pub url: String,
-}
-
-impl Default for NatsSection {
-    fn default() -> Self {
-        NatsSection { url: "nats://127.0.0.1:4222".into() }
     }
 }
 
@@ -206,11 +195,15 @@ pub struct HttpSection {
     pub addr: SocketAddr,
     /// Longest a request waits for a job to finish before giving up on it.
     pub job_timeout_secs: f64,
+    /// `user:key` entries; when any is set, every API call needs
+    /// `Authorization: Bearer <key>`, and its jobs belong to the key's user.
+    /// Better kept in the environment (NATTER_API_KEYS) than in a file.
+    pub api_keys: Vec<crate::secret::Secret>,
 }
 
 impl Default for HttpSection {
     fn default() -> Self {
-        HttpSection { addr: "127.0.0.1:8080".parse().unwrap(), job_timeout_secs: 600.0 }
+        HttpSection { addr: "127.0.0.1:8080".parse().unwrap(), job_timeout_secs: 600.0, api_keys: Vec::new() }
     }
 }
 

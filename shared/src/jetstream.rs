@@ -18,11 +18,13 @@ pub const BLOB_BUCKET: &str = "NATTER_BLOBS";
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
     #[error("cannot create stream {name}: {source}")]
-    Stream { name: &'static str, source: jetstream::context::CreateStreamError },
+    Stream { name: String, source: jetstream::context::CreateStreamError },
     #[error("cannot create consumer {name}: {source}")]
     Consumer { name: String, source: jetstream::stream::ConsumerError },
     #[error("cannot create object store {BLOB_BUCKET}: {0}")]
-    Bucket(#[from] jetstream::context::CreateObjectStoreError),
+    Bucket(jetstream::context::CreateObjectStoreError),
+    #[error("cannot raise stream {name} to {replicas} replicas: {source}")]
+    Replicas { name: String, replicas: usize, source: jetstream::context::UpdateStreamError },
 }
 
 /// Delivery and retention settings, from `[jetstream]` in natter.toml.
@@ -41,6 +43,9 @@ pub struct JetStreamSettings {
     /// Jobs nobody picked up within this are dropped from the queue.
     #[serde(with = "secs")]
     pub jobs_max_age: Duration,
+    /// Copies JetStream keeps of each natter stream and of the blob bucket: 1
+    /// on a single server; 3 in a cluster, so losing a node loses no job.
+    pub replicas: usize,
 }
 
 impl Default for JetStreamSettings {
@@ -50,6 +55,7 @@ impl Default for JetStreamSettings {
             max_attempts: 3,
             events_max_age: Duration::from_secs(3600),
             jobs_max_age: Duration::from_secs(24 * 3600),
+            replicas: 1,
         }
     }
 }
@@ -76,11 +82,11 @@ pub async fn ensure_streams(js: &jetstream::Context, settings: &JetStreamSetting
             retention: stream::RetentionPolicy::WorkQueue,
             storage: stream::StorageType::File,
             max_age: settings.jobs_max_age,
+            num_replicas: settings.replicas,
             ..Default::default()
         },
     )
-    .await
-    .map_err(|source| SetupError::Stream { name: JOBS_STREAM, source })?;
+    .await?;
     let events = stream_named(
         js,
         stream::Config {
@@ -89,11 +95,11 @@ pub async fn ensure_streams(js: &jetstream::Context, settings: &JetStreamSetting
             retention: stream::RetentionPolicy::Limits,
             storage: stream::StorageType::File,
             max_age: settings.events_max_age,
+            num_replicas: settings.replicas,
             ..Default::default()
         },
     )
-    .await
-    .map_err(|source| SetupError::Stream { name: EVENTS_STREAM, source })?;
+    .await?;
     // Cancellations are kept too: a job cancelled while still queued is dropped by
     // whichever worker fetches it later, even one that started after the cancel.
     let cancels = stream_named(
@@ -105,30 +111,49 @@ pub async fn ensure_streams(js: &jetstream::Context, settings: &JetStreamSetting
             storage: stream::StorageType::File,
             max_age: settings.jobs_max_age,
             max_messages_per_subject: 1,
+            num_replicas: settings.replicas,
             ..Default::default()
         },
     )
-    .await
-    .map_err(|source| SetupError::Stream { name: CANCEL_STREAM, source })?;
+    .await?;
     let blobs = blob_store(js, settings).await?;
     Ok(Streams { jobs, events, cancels, blobs })
 }
 
-/// Gets or creates a stream. Processes starting together on a fresh server race
-/// to create it, and the loser is refused ("subjects overlap"), so a failed
-/// create looks the stream up again before giving up.
-async fn stream_named(
-    js: &jetstream::Context,
-    config: stream::Config,
-) -> Result<stream::Stream, jetstream::context::CreateStreamError> {
+/// Gets or creates a stream, raising its replicas to the configured count.
+///
+/// Processes starting together on a fresh server race to create it, and the
+/// loser is refused ("subjects overlap"), so a failed create looks the stream
+/// up again before giving up. A stream that has fewer replicas than asked for
+/// (made by an earlier single-node setup) is updated in place; one with more
+/// is kept, since another process asked for them.
+async fn stream_named(js: &jetstream::Context, config: stream::Config) -> Result<stream::Stream, SetupError> {
     let name = config.name.clone();
-    match js.get_or_create_stream(config).await {
-        Ok(stream) => Ok(stream),
-        Err(e) => {
+    let replicas = config.num_replicas.max(1);
+    let mut stream = match js.get_or_create_stream(config).await {
+        Ok(stream) => stream,
+        Err(source) => {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            js.get_stream(&name).await.map_err(|_| e)
+            js.get_stream(&name).await.map_err(|_| SetupError::Stream { name: name.clone(), source })?
         }
+    };
+    raise_replicas(js, &mut stream, replicas).await?;
+    Ok(stream)
+}
+
+async fn raise_replicas(js: &jetstream::Context, stream: &mut stream::Stream, replicas: usize) -> Result<(), SetupError> {
+    let current = stream.cached_info().config.clone();
+    if current.num_replicas.max(1) >= replicas {
+        return Ok(());
     }
+    tracing::info!(stream = %current.name, from = current.num_replicas.max(1), to = replicas, "raising stream replicas");
+    let name = current.name.clone();
+    js.update_stream(stream::Config { num_replicas: replicas, ..current })
+        .await
+        .map_err(|source| SetupError::Replicas { name, replicas, source })?;
+    // Refreshes the cached info; the update itself has already been applied.
+    let _ = stream.info().await;
+    Ok(())
 }
 
 pub struct Streams {
@@ -186,23 +211,31 @@ async fn blob_store(
     js: &jetstream::Context,
     settings: &JetStreamSettings,
 ) -> Result<jetstream::object_store::ObjectStore, SetupError> {
-    if let Ok(store) = js.get_object_store(BLOB_BUCKET).await {
-        return Ok(store);
-    }
-    let created = js
-        .create_object_store(jetstream::object_store::Config {
-            bucket: BLOB_BUCKET.into(),
-            max_age: settings.jobs_max_age,
-            storage: stream::StorageType::File,
-            ..Default::default()
-        })
-        .await;
-    match created {
-        Ok(store) => Ok(store),
-        // Another process created it in the meantime.
-        Err(e) => {
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            js.get_object_store(BLOB_BUCKET).await.map_err(|_| e.into())
+    let store = match js.get_object_store(BLOB_BUCKET).await {
+        Ok(store) => store,
+        Err(_) => {
+            let created = js
+                .create_object_store(jetstream::object_store::Config {
+                    bucket: BLOB_BUCKET.into(),
+                    max_age: settings.jobs_max_age,
+                    storage: stream::StorageType::File,
+                    num_replicas: settings.replicas,
+                    ..Default::default()
+                })
+                .await;
+            match created {
+                Ok(store) => store,
+                // Another process created it in the meantime.
+                Err(e) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    js.get_object_store(BLOB_BUCKET).await.map_err(|_| SetupError::Bucket(e))?
+                }
+            }
         }
+    };
+    // The bucket is a stream underneath, and is raised like the others.
+    if let Ok(mut stream) = js.get_stream(format!("OBJ_{BLOB_BUCKET}")).await {
+        raise_replicas(js, &mut stream, settings.replicas.max(1)).await?;
     }
+    Ok(store)
 }

@@ -50,6 +50,11 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// How natter's processes reach this server.
+    pub fn settings(&self) -> crate::nats::NatsSettings {
+        crate::nats::NatsSettings::url(self.url())
+    }
+
     pub async fn connect(&self) -> async_nats::Client {
         async_nats::ConnectOptions::new()
             .connection_timeout(Duration::from_secs(10))
@@ -93,4 +98,86 @@ fn binary() -> PathBuf {
     }
     let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
     home.join(".cache/natter/bin/nats-server")
+}
+
+/// Three `nats-server`s on loopback with routes between them and JetStream on
+/// each, as deploy/ runs natter across machines. Nodes can be killed one by one.
+pub struct NatsCluster {
+    nodes: Vec<Option<ClusterNode>>,
+    ports: Vec<u16>,
+}
+
+struct ClusterNode {
+    child: Child,
+    _store: tempfile::TempDir,
+}
+
+impl NatsCluster {
+    /// Starts three nodes named `n1`..`n3` and waits until each accepts clients.
+    pub fn start() -> NatsCluster {
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let route_list =
+            routes.iter().map(|p| format!("nats-route://127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
+        let mut nodes = Vec::new();
+        for i in 0..3 {
+            let store = tempfile::tempdir().expect("temp dir for JetStream store");
+            let child = Command::new(binary())
+                .args(["-a", "127.0.0.1", "-p", &ports[i].to_string(), "-js", "-sd"])
+                .arg(store.path())
+                .args(["-n", &format!("n{}", i + 1), "--cluster_name", "natter"])
+                .args(["--cluster", &format!("nats://127.0.0.1:{}", routes[i]), "--routes", &route_list])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start nats-server (run scripts/install-deps.sh to install it)");
+            nodes.push(Some(ClusterNode { child, _store: store }));
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for port in &ports {
+            while !greets(*port) {
+                assert!(Instant::now() < deadline, "cluster node on {port} did not start");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        NatsCluster { nodes, ports }
+    }
+
+    /// Every node, as the comma-separated server list natter takes in `NATS_URL`.
+    pub fn url(&self) -> String {
+        self.ports.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect::<Vec<_>>().join(",")
+    }
+
+    pub fn settings(&self) -> crate::nats::NatsSettings {
+        crate::nats::NatsSettings::url(self.url())
+    }
+
+    /// Waits until JetStream has a meta leader, so streams can be created.
+    pub async fn wait_for_jetstream(&self) {
+        let client = self.settings().connect("cluster-check").await.expect("connect to the cluster");
+        let js = async_nats::jetstream::new(client);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while js.query_account().await.is_err() {
+            assert!(Instant::now() < deadline, "JetStream found no meta leader");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// SIGKILLs the node named `name` (`n1`..`n3`) for good, as a machine that goes away.
+    pub fn kill(&mut self, name: &str) {
+        let index: usize = name.trim_start_matches('n').parse::<usize>().expect("node name") - 1;
+        if let Some(mut node) = self.nodes[index].take() {
+            let _ = node.child.kill();
+            let _ = node.child.wait();
+        }
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for node in self.nodes.iter_mut().flatten() {
+            let _ = node.child.kill();
+            let _ = node.child.wait();
+        }
+    }
 }

@@ -88,8 +88,21 @@ impl InProcessWorker {
         js: JetStreamSettings,
         chat_batch: usize,
     ) -> Self {
+        Self::start_on(nats.settings(), catalog, models_dir, models, name, js, chat_batch).await
+    }
+
+    /// A worker reaching NATS through `nats` (a cluster's server list, credentials).
+    pub async fn start_on(
+        nats: natter_shared::nats::NatsSettings,
+        catalog: Catalog,
+        models_dir: &Path,
+        models: &[&str],
+        name: &str,
+        js: JetStreamSettings,
+        chat_batch: usize,
+    ) -> Self {
         let config = natter_worker::WorkerConfig {
-            nats_url: nats.url(),
+            nats: nats.clone(),
             jetstream: js,
             catalog,
             models_dir: models_dir.to_path_buf(),
@@ -111,7 +124,7 @@ impl InProcessWorker {
             .await
             .expect("worker runs");
         });
-        let client = nats.connect().await;
+        let client = nats.connect("test").await.expect("connect to NATS");
         for model in models {
             wait_for_model(&client, model).await;
         }
@@ -195,7 +208,7 @@ impl Stack {
 
     /// A job client of the kind every front-end uses.
     pub async fn job_client(&self) -> natter_bots::client::JobClient {
-        natter_bots::client::JobClient::connect(&self.nats.url(), &settings(30.0, 3)).await.unwrap()
+        natter_bots::client::JobClient::connect(&self.nats.settings(), &settings(30.0, 3)).await.unwrap()
     }
 
     /// POSTs JSON to `path`, returning the status and the JSON answer.
@@ -207,17 +220,28 @@ impl Stack {
 
 /// The front-end on a free port; returns its base URL.
 pub async fn start_http(nats: &NatsServer, catalog: Catalog) -> (String, oneshot::Sender<()>) {
+    start_http_on(nats.settings(), JetStreamSettings::default(), catalog, Default::default()).await
+}
+
+/// The front-end reaching NATS through `nats`, asking for `api_keys`.
+pub async fn start_http_on(
+    nats: natter_shared::nats::NatsSettings,
+    jetstream: JetStreamSettings,
+    catalog: Catalog,
+    api_keys: natter_bots::http::auth::ApiKeys,
+) -> (String, oneshot::Sender<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let config = natter_bots::BotsConfig {
         telegram: None,
         discord: None,
-        nats_url: nats.url(),
-        jetstream: JetStreamSettings::default(),
+        nats,
+        jetstream,
         catalog,
         http_addr: listener.local_addr().unwrap(),
         job_timeout: Duration::from_secs(300),
         max_upload: natter_bots::DEFAULT_MAX_UPLOAD,
+        api_keys,
     };
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(async move {

@@ -24,9 +24,8 @@ pub struct CommonArgs {
 /// Flags of the worker proper.
 #[derive(Args, Clone, Debug)]
 pub struct RunArgs {
-    /// NATS server URL.
-    #[arg(long, env = "NATS_URL")]
-    pub nats_url: Option<String>,
+    #[command(flatten)]
+    pub nats: natter_shared::nats::NatsArgs,
     /// Catalog ids to serve, comma-separated (default: the default chat and NER models).
     #[arg(long, env = "NATTER_SERVE", value_delimiter = ',')]
     pub serve: Vec<String>,
@@ -123,6 +122,12 @@ impl RunArgs {
             }
             jetstream.max_attempts = n;
         }
+        if let Some(replicas) = self.nats.js_replicas {
+            if replicas < 1 {
+                return Err(ConfigLoadError::Invalid("--js-replicas must be at least 1".into()));
+            }
+            jetstream.replicas = replicas;
+        }
         let drain = self.drain_secs.unwrap_or(file.worker.drain_secs);
         if !(drain.is_finite() && drain >= 0.0) {
             return Err(ConfigLoadError::Invalid("--drain-secs must be non-negative".into()));
@@ -136,7 +141,7 @@ impl RunArgs {
             format!("{}-{}", if host.is_empty() { "worker" } else { &host }, std::process::id())
         });
         Ok(WorkerConfig {
-            nats_url: self.nats_url.unwrap_or(file.nats.url.clone()),
+            nats: self.nats.resolve(&file.nats),
             jetstream,
             catalog,
             models_dir,

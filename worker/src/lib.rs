@@ -34,8 +34,8 @@ use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    #[error("cannot connect to NATS at {url}: {source}")]
-    Connect { url: String, source: async_nats::ConnectError },
+    #[error(transparent)]
+    Connect(#[from] natter_shared::nats::NatsError),
     #[error(transparent)]
     Setup(#[from] js_setup::SetupError),
     #[error("model `{0}` is not in the catalog")]
@@ -56,7 +56,7 @@ pub const SERVED_KINDS: [JobKind; 4] = [JobKind::Chat, JobKind::Ner, JobKind::Oc
 /// Everything [`run`] needs, already resolved from flags, env and natter.toml.
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
-    pub nats_url: String,
+    pub nats: natter_shared::nats::NatsSettings,
     pub jetstream: JetStreamSettings,
     pub catalog: Catalog,
     pub models_dir: PathBuf,
@@ -81,11 +81,7 @@ pub struct WorkerConfig {
 }
 
 pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
-    let client = async_nats::ConnectOptions::new()
-        .name(format!("natter-worker {}", config.name))
-        .connect(&config.nats_url)
-        .await
-        .map_err(|source| WorkerError::Connect { url: config.nats_url.clone(), source })?;
+    let client = config.nats.connect(&format!("natter-worker {}", config.name)).await?;
     let js = async_nats::jetstream::new(client.clone());
     let streams = js_setup::ensure_streams(&js, &config.jetstream).await?;
 

@@ -18,6 +18,8 @@ use super::AppState;
 use crate::client::AsrUpdate;
 use axum::extract::multipart::MultipartRejection;
 use axum::extract::{Multipart, State};
+use axum::Extension;
+use super::auth::Caller;
 use axum::http::header;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -35,21 +37,24 @@ pub const OPENAI_MODEL_ALIAS: &str = "whisper-1";
 /// `POST /v1/audio/transcriptions`.
 pub async fn transcriptions(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     form: Result<Multipart, MultipartRejection>,
 ) -> Result<Response, ApiError> {
-    openai_audio(state, form, AsrTask::Transcribe).await
+    openai_audio(state, caller, form, AsrTask::Transcribe).await
 }
 
 /// `POST /v1/audio/translations`: speech in any language to English text.
 pub async fn translations(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     form: Result<Multipart, MultipartRejection>,
 ) -> Result<Response, ApiError> {
-    openai_audio(state, form, AsrTask::Translate).await
+    openai_audio(state, caller, form, AsrTask::Translate).await
 }
 
 async fn openai_audio(
     state: AppState,
+    caller: Caller,
     form: Result<Multipart, MultipartRejection>,
     task: AsrTask,
 ) -> Result<Response, ApiError> {
@@ -59,7 +64,7 @@ async fn openai_audio(
     if task == AsrTask::Translate {
         form.language = None;
     }
-    let mut job = submit(&state, form, task).await?;
+    let mut job = submit(&state, &caller, form, task).await?;
     let outcome = tokio::time::timeout_at(job.deadline, async {
         while let Some(update) = job.updates.next().await {
             match update {
@@ -85,6 +90,7 @@ async fn openai_audio(
 /// once (corrupt audio) gets a real HTTP error, like `/v1/chat/completions`.
 pub async fn transcribe_stream(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     form: Result<Multipart, MultipartRejection>,
 ) -> Result<Response, ApiError> {
     let form = read_form(form, state.max_upload).await?;
@@ -95,7 +101,7 @@ pub async fn transcribe_stream(
             return Err(ApiError::bad_request(format!("task `{other}` is unknown; use `transcribe` or `translate`")))
         }
     };
-    let mut job = submit(&state, form, task).await?;
+    let mut job = submit(&state, &caller, form, task).await?;
     let first = followed::first_shown(&mut job, |update| match update {
         AsrUpdate::Failed { code, message } => Err(ApiError::from_job(code, message)),
         AsrUpdate::Cancelled => Err(ApiError::cancelled()),
@@ -186,13 +192,13 @@ fn language_hint(raw: Option<&str>) -> Result<Option<String>, ApiError> {
     }
 }
 
-async fn submit(state: &AppState, form: AudioForm, task: AsrTask) -> Result<Running<AsrUpdate>, ApiError> {
+async fn submit(state: &AppState, caller: &Caller, form: AudioForm, task: AsrTask) -> Result<Running<AsrUpdate>, ApiError> {
     // The hint names the spoken language, so it helps translation as well.
     let language = language_hint(form.language.as_deref())?;
     let requested = form.model.as_deref().map(str::trim).filter(|m| *m != OPENAI_MODEL_ALIAS);
     let model = resolve_model(state, requested, JobKind::Asr).await?;
     let audio = state.jobs.put_blob(form.audio, &form.content_type).await?;
-    let origin = Origin { frontend: "http".into(), user: "anonymous".into(), conversation: None };
+    let origin = Origin { frontend: "http".into(), user: caller.user(None), conversation: None };
     let mut job = Job::new(model.clone(), origin, JobInput::Asr(AsrInput { audio, language, task }));
     job.deadline = Some(job.created_at + state.job_timeout);
     let updates = Box::pin(state.jobs.asr_updates(job.id).await?);

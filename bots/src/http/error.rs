@@ -23,6 +23,16 @@ impl ApiError {
         }
     }
 
+    /// OpenAI's answer to a missing or wrong API key.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            kind: "invalid_request_error",
+            code: "invalid_api_key",
+            message: message.into(),
+        }
+    }
+
     pub fn unknown_model(model: &str) -> Self {
         ApiError {
             status: StatusCode::NOT_FOUND,

@@ -1,6 +1,7 @@
 //! The HTTP front-end: the OpenAI-compatible API and the dashboard, one router.
 
 mod audio;
+pub mod auth;
 mod dashboard;
 pub mod error;
 mod followed;
@@ -13,6 +14,7 @@ mod upload;
 use crate::client::JobClient;
 use crate::fleet::Fleet;
 use axum::extract::DefaultBodyLimit;
+use axum::middleware;
 use axum::routing::{get, post};
 use axum::Router;
 use natter_shared::catalog::Catalog;
@@ -27,14 +29,16 @@ pub struct AppState {
     pub job_timeout: Duration,
     /// Largest uploaded file (audio, image) accepted, in bytes.
     pub max_upload: usize,
+    /// The API's keys; empty leaves it open.
+    pub api_keys: auth::ApiKeys,
 }
 
 pub fn app(state: AppState) -> Router {
     // Only the upload routes take bodies this large; the rest keep axum's 2 MB.
     let uploads = DefaultBodyLimit::max(state.max_upload.saturating_add(upload::FORM_OVERHEAD));
-    Router::new()
-        .route("/", get(dashboard::page))
-        .route("/healthz", get(|| async { "ok" }))
+    // The page itself is open: it asks for a key when the API answers 401.
+    let open = Router::new().route("/", get(dashboard::page)).route("/healthz", get(|| async { "ok" }));
+    let keyed = Router::new()
         .route("/api/fleet", get(dashboard::fleet))
         .route("/api/jobs/{id}/cancel", post(dashboard::cancel))
         .route("/api/ner", post(ner::ner))
@@ -46,5 +50,6 @@ pub fn app(state: AppState) -> Router {
         .route("/api/ocr", post(ocr::ocr).layer(uploads))
         .route("/api/ocr/stream", post(ocr::ocr_stream).layer(uploads))
         .fallback(|| async { error::ApiError::not_found("no such endpoint") })
-        .with_state(state)
+        .layer(middleware::from_fn_with_state(state.api_keys.clone(), auth::require_key));
+    open.merge(keyed).with_state(state)
 }

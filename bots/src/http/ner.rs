@@ -6,6 +6,8 @@ use super::AppState;
 use crate::client::JobEnd;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
+use axum::Extension;
+use super::auth::Caller;
 use axum::Json;
 use natter_shared::proto::{Job, JobInput, JobKind, JobResult, NerInput, Origin};
 use serde::Deserialize;
@@ -22,6 +24,7 @@ pub struct NerRequest {
 
 pub async fn ner(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     body: Result<Json<NerRequest>, JsonRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Json(request) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
@@ -36,7 +39,7 @@ pub async fn ner(
         ));
     }
     let model = resolve_model(&state, request.model.as_deref(), JobKind::Ner).await?;
-    let origin = Origin { frontend: "http".into(), user: "anonymous".into(), conversation: None };
+    let origin = Origin { frontend: "http".into(), user: caller.user(None), conversation: None };
     let mut job = Job::new(model.clone(), origin, JobInput::Ner(NerInput { text: request.text }));
     job.deadline = Some(job.created_at + state.job_timeout);
     let outcome =

@@ -22,6 +22,8 @@ use super::AppState;
 use crate::client::OcrUpdate;
 use axum::extract::multipart::MultipartRejection;
 use axum::extract::{Multipart, State};
+use axum::Extension;
+use super::auth::Caller;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -35,10 +37,11 @@ use uuid::Uuid;
 /// `POST /api/ocr`: the image's text, lines, boxes and timings in one answer.
 pub async fn ocr(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     form: Result<Multipart, MultipartRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let form = read_form(form, state.max_upload).await?;
-    let mut job = submit(&state, form).await?;
+    let mut job = submit(&state, &caller, form).await?;
     let outcome = tokio::time::timeout_at(job.deadline, async {
         while let Some(update) = job.updates.next().await {
             match update {
@@ -66,10 +69,11 @@ pub async fn ocr(
 /// image) gets a real HTTP error, like `/api/transcribe`.
 pub async fn ocr_stream(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     form: Result<Multipart, MultipartRejection>,
 ) -> Result<Response, ApiError> {
     let form = read_form(form, state.max_upload).await?;
-    let mut job = submit(&state, form).await?;
+    let mut job = submit(&state, &caller, form).await?;
     let first = followed::first_shown(&mut job, |update| match update {
         OcrUpdate::Failed { code, message } => Err(ApiError::from_job(code, message)),
         OcrUpdate::Cancelled => Err(ApiError::cancelled()),
@@ -130,10 +134,10 @@ fn image_content_type(declared: Option<&str>, file_name: Option<&str>) -> String
     .into()
 }
 
-async fn submit(state: &AppState, form: ImageForm) -> Result<Running<OcrUpdate>, ApiError> {
+async fn submit(state: &AppState, caller: &Caller, form: ImageForm) -> Result<Running<OcrUpdate>, ApiError> {
     let model = resolve_model(state, form.model.as_deref(), JobKind::Ocr).await?;
     let image = state.jobs.put_blob(form.image, &form.content_type).await?;
-    let origin = Origin { frontend: "http".into(), user: "anonymous".into(), conversation: None };
+    let origin = Origin { frontend: "http".into(), user: caller.user(None), conversation: None };
     let mut job = Job::new(model.clone(), origin, JobInput::Ocr(OcrInput { image }));
     job.deadline = Some(job.created_at + state.job_timeout);
     let updates = Box::pin(state.jobs.ocr_updates(job.id).await?);

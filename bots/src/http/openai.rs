@@ -6,6 +6,8 @@ use super::AppState;
 use crate::client::{AppendOnly, ChatUpdate, JobClient};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
+use axum::Extension;
+use super::auth::Caller;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -193,13 +195,13 @@ type Updates = Pin<Box<dyn Stream<Item = ChatUpdate> + Send>>;
 
 pub async fn chat_completions(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     body: Result<Json<ChatRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(request) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let (model, input, stream, user) = request.into_input()?;
     let model = resolve_model(&state, model.as_deref(), JobKind::Chat).await?;
-    let origin =
-        Origin { frontend: "http".into(), user: user.unwrap_or_else(|| "anonymous".into()), conversation: None };
+    let origin = Origin { frontend: "http".into(), user: caller.user(user), conversation: None };
     let mut job = Job::new(model.clone(), origin, JobInput::Chat(input));
     job.deadline = Some(job.created_at + state.job_timeout);
     let updates: Updates = Box::pin(state.jobs.chat_updates(job.id).await?);

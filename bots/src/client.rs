@@ -5,10 +5,10 @@ use async_nats::jetstream::{self, consumer, stream};
 use futures::{Stream, StreamExt};
 use natter_shared::blob::BlobError;
 use natter_shared::jetstream::{consumer_name, ensure_streams, JetStreamSettings, JOBS_STREAM};
+use natter_shared::nats::NatsSettings;
 use natter_shared::proto::{
     Blob, ErrorCode, Event, EventBody, FinishReason, Job, JobKind, JobResult, Metrics, OcrLine, OcrTimings, Segment,
 };
-use natter_shared::nats::NatsSettings;
 use natter_shared::subjects;
 use uuid::Uuid;
 
@@ -27,6 +27,10 @@ pub enum ClientError {
     #[error(transparent)]
     Blob(#[from] BlobError),
 }
+
+/// How long a front-end keeps trying to store a message or follow a job
+/// while the cluster elects new stream leaders.
+const STORE_RETRY: std::time::Duration = std::time::Duration::from_secs(20);
 
 #[derive(Clone)]
 pub struct JobClient {
@@ -52,7 +56,9 @@ impl JobClient {
     /// Publishes `job` to its work queue and waits for JetStream to store it.
     pub async fn submit(&self, job: &Job) -> Result<(), ClientError> {
         let payload = serde_json::to_vec(job).map_err(|e| ClientError::Submit(e.to_string()))?;
-        self.publish_stored(subjects::job(job.kind(), &job.model), payload.into()).await.map_err(ClientError::Submit)
+        self.publish_stored(subjects::job(job.kind(), &job.model), job.id.to_string(), payload.into())
+            .await
+            .map_err(ClientError::Submit)
     }
 
     /// How many jobs for `model` are waiting for a worker, this one included
@@ -77,9 +83,30 @@ impl JobClient {
     }
 
     /// Publishes to a JetStream subject and waits until the stream has stored it.
-    async fn publish_stored(&self, subject: String, payload: bytes::Bytes) -> Result<(), String> {
-        self.js.publish(subject, payload).await.map_err(|e| e.to_string())?.await.map_err(|e| e.to_string())?;
-        Ok(())
+    ///
+    /// While a cluster elects a new leader for the stream (its node went
+    /// away) publishes fail for a few seconds; they are tried again for up to
+    /// [`STORE_RETRY`], and `message_id` lets JetStream drop a copy that was
+    /// stored although its ack was lost.
+    async fn publish_stored(&self, subject: String, message_id: String, payload: bytes::Bytes) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + STORE_RETRY;
+        let mut pause = std::time::Duration::from_millis(100);
+        loop {
+            let publish = jetstream::context::Publish::build().message_id(message_id.as_str()).payload(payload.clone());
+            let stored = match self.js.send_publish(subject.clone(), publish).await {
+                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match stored {
+                Ok(()) => return Ok(()),
+                Err(e) if tokio::time::Instant::now() + pause > deadline => return Err(e),
+                Err(e) => {
+                    tracing::warn!(%subject, "JetStream did not store the message ({e}); trying again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(std::time::Duration::from_secs(2));
+                }
+            }
+        }
     }
 
     /// Every event of the job from the first, then live ones: the events stream
@@ -88,15 +115,23 @@ impl JobClient {
         &self,
         job_id: Uuid,
     ) -> Result<impl Stream<Item = Result<Event, ClientError>> + Send + 'static, ClientError> {
-        let consumer = self
-            .events
-            .create_consumer(consumer::pull::OrderedConfig {
-                filter_subject: subjects::events(job_id),
-                deliver_policy: consumer::DeliverPolicy::All,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| ClientError::Events(e.to_string()))?;
+        let config = consumer::pull::OrderedConfig {
+            filter_subject: subjects::events(job_id),
+            deliver_policy: consumer::DeliverPolicy::All,
+            ..Default::default()
+        };
+        // As with publishing: a stream mid-election refuses for a few seconds.
+        let deadline = tokio::time::Instant::now() + STORE_RETRY;
+        let consumer = loop {
+            match self.events.create_consumer(config.clone()).await {
+                Ok(consumer) => break consumer,
+                Err(e) if tokio::time::Instant::now() >= deadline => return Err(ClientError::Events(e.to_string())),
+                Err(e) => {
+                    tracing::warn!(job = %job_id, "cannot follow events yet ({e}); trying again");
+                    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                }
+            }
+        };
         let messages = consumer.messages().await.map_err(|e| ClientError::Events(e.to_string()))?;
         Ok(messages.map(|m| {
             let m = m.map_err(|e| ClientError::Events(e.to_string()))?;
@@ -107,7 +142,9 @@ impl JobClient {
     /// Asks the worker running the job to stop; a job still queued is dropped when
     /// a worker fetches it (the cancel is kept in the NATTER_CANCEL stream).
     pub async fn cancel(&self, job_id: Uuid) -> Result<(), ClientError> {
-        self.publish_stored(subjects::cancel(job_id), "cancel".into()).await.map_err(ClientError::Cancel)
+        self.publish_stored(subjects::cancel(job_id), format!("cancel-{job_id}"), "cancel".into())
+            .await
+            .map_err(ClientError::Cancel)
     }
 
     /// Follows a chat job as [`ChatUpdate`]s, resolving attempts.

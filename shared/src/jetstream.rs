@@ -141,7 +141,11 @@ async fn stream_named(js: &jetstream::Context, config: stream::Config) -> Result
     Ok(stream)
 }
 
-async fn raise_replicas(js: &jetstream::Context, stream: &mut stream::Stream, replicas: usize) -> Result<(), SetupError> {
+async fn raise_replicas(
+    js: &jetstream::Context,
+    stream: &mut stream::Stream,
+    replicas: usize,
+) -> Result<(), SetupError> {
     let current = stream.cached_info().config.clone();
     if current.num_replicas.max(1) >= replicas {
         return Ok(());

@@ -117,8 +117,7 @@ impl NatsCluster {
     pub fn start() -> NatsCluster {
         let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let route_list =
-            routes.iter().map(|p| format!("nats-route://127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
+        let route_list = routes.iter().map(|p| format!("nats-route://127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
         let mut nodes = Vec::new();
         for i in 0..3 {
             let store = tempfile::tempdir().expect("temp dir for JetStream store");
@@ -152,15 +151,23 @@ impl NatsCluster {
         crate::nats::NatsSettings::url(self.url())
     }
 
-    /// Waits until JetStream has a meta leader, so streams can be created.
+    /// Waits until JetStream has a meta leader and all three nodes, so
+    /// replicated streams can be created (a probe stream is made and removed).
     pub async fn wait_for_jetstream(&self) {
         let client = self.settings().connect("cluster-check").await.expect("connect to the cluster");
         let js = async_nats::jetstream::new(client);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while js.query_account().await.is_err() {
-            assert!(Instant::now() < deadline, "JetStream found no meta leader");
+        let probe = async_nats::jetstream::stream::Config {
+            name: "CLUSTER_PROBE".into(),
+            subjects: vec!["cluster.probe".into()],
+            num_replicas: 3,
+            ..Default::default()
+        };
+        while let Err(e) = js.create_stream(probe.clone()).await {
+            assert!(Instant::now() < deadline, "JetStream cannot place a 3-replica stream: {e}");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        js.delete_stream("CLUSTER_PROBE").await.expect("remove the probe stream");
     }
 
     /// SIGKILLs the node named `name` (`n1`..`n3`) for good, as a machine that goes away.

@@ -9,6 +9,7 @@
 //! limit, and handed to the worker as a blob; the worker decodes the audio, so
 //! a corrupt file comes back as its `bad_input` failure (400).
 
+use super::auth::Caller;
 use super::error::ApiError;
 use super::followed::{self, Running};
 use super::openai::{resolve_model, CancelOnDrop};
@@ -18,11 +19,10 @@ use super::AppState;
 use crate::client::AsrUpdate;
 use axum::extract::multipart::MultipartRejection;
 use axum::extract::{Multipart, State};
-use axum::Extension;
-use super::auth::Caller;
 use axum::http::header;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 use futures::{Stream, StreamExt};
 use natter_shared::proto::{AsrInput, AsrTask, Job, JobInput, JobKind, Metrics, Origin, Segment};
@@ -192,7 +192,12 @@ fn language_hint(raw: Option<&str>) -> Result<Option<String>, ApiError> {
     }
 }
 
-async fn submit(state: &AppState, caller: &Caller, form: AudioForm, task: AsrTask) -> Result<Running<AsrUpdate>, ApiError> {
+async fn submit(
+    state: &AppState,
+    caller: &Caller,
+    form: AudioForm,
+    task: AsrTask,
+) -> Result<Running<AsrUpdate>, ApiError> {
     // The hint names the spoken language, so it helps translation as well.
     let language = language_hint(form.language.as_deref())?;
     let requested = form.model.as_deref().map(str::trim).filter(|m| *m != OPENAI_MODEL_ALIAS);

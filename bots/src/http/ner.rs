@@ -1,5 +1,6 @@
 //! `POST /api/ner`: text in, entities with character offsets out.
 
+use super::auth::Caller;
 use super::error::ApiError;
 use super::openai::resolve_model;
 use super::AppState;
@@ -7,7 +8,6 @@ use crate::client::JobEnd;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
 use axum::Extension;
-use super::auth::Caller;
 use axum::Json;
 use natter_shared::proto::{Job, JobInput, JobKind, JobResult, NerInput, Origin};
 use serde::Deserialize;

@@ -13,6 +13,7 @@
 //! as the worker saw it after applying its EXIF orientation; `width` and
 //! `height` give that space, so a viewer scales boxes from it to what it shows.
 
+use super::auth::Caller;
 use super::error::ApiError;
 use super::followed::{self, Running};
 use super::openai::{resolve_model, CancelOnDrop};
@@ -22,10 +23,9 @@ use super::AppState;
 use crate::client::OcrUpdate;
 use axum::extract::multipart::MultipartRejection;
 use axum::extract::{Multipart, State};
-use axum::Extension;
-use super::auth::Caller;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 use futures::{Stream, StreamExt};
 use natter_shared::proto::{Job, JobInput, JobKind, Metrics, OcrInput, OcrLine, OcrTimings, Origin};

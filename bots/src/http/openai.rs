@@ -1,15 +1,15 @@
 //! The OpenAI-compatible API: `GET /v1/models` and `POST /v1/chat/completions`
 //! (streaming and not), backed by chat jobs.
 
+use super::auth::Caller;
 use super::error::ApiError;
 use super::AppState;
 use crate::client::{AppendOnly, ChatUpdate, JobClient};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
-use axum::Extension;
-use super::auth::Caller;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 use futures::{Stream, StreamExt};
 use natter_shared::proto::{

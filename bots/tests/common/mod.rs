@@ -32,8 +32,14 @@ pub fn catalog(name: &str, toml: &str) -> Catalog {
 /// The front-end's router on `nats`, as `natter_bots::serve` builds it.
 pub async fn router(nats: &NatsServer, catalog: Catalog, max_upload: usize, job_timeout: Duration) -> axum::Router {
     let jobs = JobClient::connect(&nats.settings(), &JetStreamSettings::default()).await.unwrap();
-    let state =
-        AppState { fleet: Fleet::new(jobs.nats().clone()), jobs, catalog: Arc::new(catalog), job_timeout, max_upload, api_keys: Default::default() };
+    let state = AppState {
+        fleet: Fleet::new(jobs.nats().clone()),
+        jobs,
+        catalog: Arc::new(catalog),
+        job_timeout,
+        max_upload,
+        api_keys: Default::default(),
+    };
     app(state)
 }
 

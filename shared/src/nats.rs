@@ -262,6 +262,18 @@ pub struct NatsArgs {
 }
 
 impl NatsArgs {
+    /// Lays `--js-replicas` over the file's JetStream settings.
+    pub fn apply_replicas(&self, jetstream: &mut crate::jetstream::JetStreamSettings) -> Result<(), String> {
+        match self.js_replicas {
+            Some(0) => Err("--js-replicas must be at least 1".into()),
+            Some(replicas) => {
+                jetstream.replicas = replicas;
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
     /// The file's settings with the given flags laid over them.
     pub fn resolve(self, file: &NatsSettings) -> NatsSettings {
         let mut settings = file.clone();

@@ -122,12 +122,7 @@ impl RunArgs {
             }
             jetstream.max_attempts = n;
         }
-        if let Some(replicas) = self.nats.js_replicas {
-            if replicas < 1 {
-                return Err(ConfigLoadError::Invalid("--js-replicas must be at least 1".into()));
-            }
-            jetstream.replicas = replicas;
-        }
+        self.nats.apply_replicas(&mut jetstream).map_err(ConfigLoadError::Invalid)?;
         let drain = self.drain_secs.unwrap_or(file.worker.drain_secs);
         if !(drain.is_finite() && drain >= 0.0) {
             return Err(ConfigLoadError::Invalid("--drain-secs must be non-negative".into()));

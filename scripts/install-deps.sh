@@ -4,7 +4,8 @@
 #   scripts/install-deps.sh --test   plus Chromium, playwright-core (dashboard tests),
 #                                    the openai Python client (API compatibility test),
 #                                    espeak-ng and ffmpeg (speech test audio),
-#                                    fonts (OCR test images)
+#                                    fonts (OCR test images),
+#                                    prometheus (the metrics test's scraper)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -54,6 +55,10 @@ if $want_test; then
   if [[ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf || ! -f /usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf ]]; then
     echo "installing fonts for the OCR test images"
     apt_install fonts-dejavu-core fonts-liberation
+  fi
+  if ! command -v prometheus >/dev/null; then
+    echo "installing prometheus (the metrics test scrapes natter with it)"
+    apt_install prometheus
   fi
   if [[ ! -x /usr/bin/chromium ]]; then
     echo "installing chromium"

@@ -1,15 +1,18 @@
 //! The job client every front-end uses: submit a job, follow its events, cancel it.
 
 use async_nats::jetstream::object_store::ObjectStore;
-use async_nats::jetstream::{self, consumer, stream};
+use async_nats::jetstream::{self, stream};
+use crate::follow::Follower;
+use crate::metrics::{FrontMetrics, JobWatch};
 use futures::{Stream, StreamExt};
 use natter_shared::blob::BlobError;
-use natter_shared::jetstream::{consumer_name, ensure_streams, JetStreamSettings, JOBS_STREAM};
+use natter_shared::jetstream::{consumer_name, ensure_streams, retry_while_electing, JetStreamSettings, JOBS_STREAM};
 use natter_shared::nats::NatsSettings;
 use natter_shared::proto::{
     Blob, ErrorCode, Event, EventBody, FinishReason, Job, JobKind, JobResult, Metrics, OcrLine, OcrTimings, Segment,
 };
 use natter_shared::subjects;
+use std::sync::Arc;
 use uuid::Uuid;
 
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +23,9 @@ pub enum ClientError {
     Setup(#[from] natter_shared::jetstream::SetupError),
     #[error("cannot submit the job: {0}")]
     Submit(String),
+    /// The model's queue holds as many jobs as it may (`max_pending`).
+    #[error("the fleet is busy: every worker serving `{model}` has a full queue; please try again in a minute")]
+    Busy { model: String },
     #[error("cannot follow the job's events: {0}")]
     Events(String),
     #[error("cannot cancel the job: {0}")]
@@ -28,10 +34,6 @@ pub enum ClientError {
     Blob(#[from] BlobError),
 }
 
-/// How long a front-end keeps trying to store a message or follow a job
-/// while the cluster elects new stream leaders.
-const STORE_RETRY: std::time::Duration = std::time::Duration::from_secs(20);
-
 #[derive(Clone)]
 pub struct JobClient {
     client: async_nats::Client,
@@ -39,6 +41,7 @@ pub struct JobClient {
     events: stream::Stream,
     /// Where inputs too large to travel inside a job message go.
     blobs: ObjectStore,
+    metrics: Arc<FrontMetrics>,
 }
 
 impl JobClient {
@@ -46,19 +49,45 @@ impl JobClient {
         let client = nats.connect("natter-bots").await?;
         let js = jetstream::new(client.clone());
         let streams = ensure_streams(&js, settings).await?;
-        Ok(JobClient { client, js, events: streams.events, blobs: streams.blobs })
+        let metrics = Arc::new(FrontMetrics::default());
+        Ok(JobClient { client, js, events: streams.events, blobs: streams.blobs, metrics })
     }
 
     pub fn nats(&self) -> &async_nats::Client {
         &self.client
     }
 
-    /// Publishes `job` to its work queue and waits for JetStream to store it.
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    pub fn metrics(&self) -> &FrontMetrics {
+        &self.metrics
+    }
+
+    /// Publishes `job` to its work queue and waits for JetStream to store it;
+    /// [`ClientError::Busy`] when the model's queue is full.
     pub async fn submit(&self, job: &Job) -> Result<(), ClientError> {
         let payload = serde_json::to_vec(job).map_err(|e| ClientError::Submit(e.to_string()))?;
-        self.publish_stored(subjects::job(job.kind(), &job.model), job.id.to_string(), payload.into())
-            .await
-            .map_err(ClientError::Submit)
+        match self.publish_stored(subjects::job(job.kind(), &job.model), job.id.to_string(), payload.into()).await {
+            Ok(()) => Ok(()),
+            Err(e) if queue_full(&e) => {
+                self.metrics.job_ended(job.kind(), "busy");
+                Err(ClientError::Busy { model: job.model.clone() })
+            }
+            Err(e) => Err(ClientError::Submit(e.to_string())),
+        }
+    }
+
+    /// Sets the queue-depth gauge of every model in `catalog` that workers
+    /// have bound a queue for, just before a scrape reads it.
+    pub async fn refresh_queue_depths(&self, catalog: &natter_shared::catalog::Catalog) {
+        let Ok(jobs) = self.js.get_stream(JOBS_STREAM).await else { return };
+        for model in &catalog.models {
+            if let Ok(info) = jobs.consumer_info(consumer_name(model.kind, &model.id)).await {
+                self.metrics.set_queue_depth(&model.id, info.num_pending);
+            }
+        }
     }
 
     /// How many jobs for `model` are waiting for a worker, this one included
@@ -86,56 +115,35 @@ impl JobClient {
     ///
     /// While a cluster elects a new leader for the stream (its node went
     /// away) publishes fail for a few seconds; they are tried again for up to
-    /// [`STORE_RETRY`], and `message_id` lets JetStream drop a copy that was
+    /// [`natter_shared::jetstream::ELECTION_RETRY`], and `message_id` lets JetStream drop a copy that was
     /// stored although its ack was lost.
-    async fn publish_stored(&self, subject: String, message_id: String, payload: bytes::Bytes) -> Result<(), String> {
-        let deadline = tokio::time::Instant::now() + STORE_RETRY;
-        let mut pause = std::time::Duration::from_millis(100);
-        loop {
-            let publish = jetstream::context::Publish::build().message_id(message_id.as_str()).payload(payload.clone());
-            let stored = match self.js.send_publish(subject.clone(), publish).await {
-                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            match stored {
-                Ok(()) => return Ok(()),
-                Err(e) if tokio::time::Instant::now() + pause > deadline => return Err(e),
-                Err(e) => {
-                    tracing::warn!(%subject, "JetStream did not store the message ({e}); trying again");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(std::time::Duration::from_secs(2));
-                }
-            }
-        }
+    async fn publish_stored(
+        &self,
+        subject: String,
+        message_id: String,
+        payload: bytes::Bytes,
+    ) -> Result<(), jetstream::context::PublishError> {
+        let store = || async {
+            let publish = jetstream::message::PublishMessage::build().message_id(message_id.as_str()).payload(payload.clone());
+            self.js.send_publish(subject.clone(), publish).await?.await.map(|_| ())
+        };
+        retry_while_electing(&format!("store on {subject}"), store, queue_full).await
     }
 
-    /// Every event of the job from the first, then live ones: the events stream
-    /// keeps them, so this may be called after submitting, or after a restart.
+    /// Every event of the job from the first, then live ones, in order and once
+    /// each: the events stream keeps them, so this may be called after
+    /// submitting, or after a restart. See [`Follower`] for how it outlives
+    /// the loss of a NATS node.
     pub async fn events(
         &self,
         job_id: Uuid,
     ) -> Result<impl Stream<Item = Result<Event, ClientError>> + Send + 'static, ClientError> {
-        let config = consumer::pull::OrderedConfig {
-            filter_subject: subjects::events(job_id),
-            deliver_policy: consumer::DeliverPolicy::All,
-            ..Default::default()
-        };
-        // As with publishing: a stream mid-election refuses for a few seconds.
-        let deadline = tokio::time::Instant::now() + STORE_RETRY;
-        let consumer = loop {
-            match self.events.create_consumer(config.clone()).await {
-                Ok(consumer) => break consumer,
-                Err(e) if tokio::time::Instant::now() >= deadline => return Err(ClientError::Events(e.to_string())),
-                Err(e) => {
-                    tracing::warn!(job = %job_id, "cannot follow events yet ({e}); trying again");
-                    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-                }
-            }
-        };
-        let messages = consumer.messages().await.map_err(|e| ClientError::Events(e.to_string()))?;
-        Ok(messages.map(|m| {
-            let m = m.map_err(|e| ClientError::Events(e.to_string()))?;
-            serde_json::from_slice::<Event>(&m.payload).map_err(|e| ClientError::Events(format!("bad event: {e}")))
+        let follower = Follower::start(&self.client, self.events.clone(), job_id)
+            .await
+            .map_err(|e| ClientError::Events(e.to_string()))?;
+        Ok(futures::stream::unfold(follower, |mut follower| async move {
+            let event = follower.next().await?;
+            Some((Ok(event), follower))
         }))
     }
 
@@ -144,7 +152,7 @@ impl JobClient {
     pub async fn cancel(&self, job_id: Uuid) -> Result<(), ClientError> {
         self.publish_stored(subjects::cancel(job_id), format!("cancel-{job_id}"), "cancel".into())
             .await
-            .map_err(ClientError::Cancel)
+            .map_err(|e| ClientError::Cancel(e.to_string()))
     }
 
     /// Follows a chat job as [`ChatUpdate`]s, resolving attempts.
@@ -152,7 +160,7 @@ impl JobClient {
         &self,
         job_id: Uuid,
     ) -> Result<impl Stream<Item = ChatUpdate> + Send + 'static, ClientError> {
-        self.updates(job_id).await
+        self.updates(job_id, JobKind::Chat).await
     }
 
     /// Follows a speech-to-text job as [`AsrUpdate`]s, resolving attempts.
@@ -160,7 +168,7 @@ impl JobClient {
         &self,
         job_id: Uuid,
     ) -> Result<impl Stream<Item = AsrUpdate> + Send + 'static, ClientError> {
-        self.updates(job_id).await
+        self.updates(job_id, JobKind::Asr).await
     }
 
     /// Follows an OCR job as [`OcrUpdate`]s, resolving attempts.
@@ -168,7 +176,7 @@ impl JobClient {
         &self,
         job_id: Uuid,
     ) -> Result<impl Stream<Item = OcrUpdate> + Send + 'static, ClientError> {
-        self.updates(job_id).await
+        self.updates(job_id, JobKind::Ocr).await
     }
 
     /// A job's events as updates of one kind, ending right after the first
@@ -176,29 +184,49 @@ impl JobClient {
     async fn updates<U: JobUpdate + Send + 'static>(
         &self,
         job_id: Uuid,
+        kind: JobKind,
     ) -> Result<impl Stream<Item = U> + Send + 'static, ClientError> {
         let events = Box::pin(self.events(job_id).await?);
-        let state = (events, AttemptTracker::<U>::default(), std::collections::VecDeque::<U>::new(), false);
-        Ok(futures::stream::unfold(state, |(mut events, mut tracker, mut pending, mut ended)| async move {
+        let watched = (self.metrics.clone(), JobWatch::new(kind));
+        let state = (events, AttemptTracker::<U>::default(), std::collections::VecDeque::<U>::new(), false, watched);
+        Ok(futures::stream::unfold(state, |(mut events, mut tracker, mut pending, mut ended, mut watched)| async move {
             loop {
                 if let Some(update) = pending.pop_front() {
                     if update.is_terminal() {
                         ended = true;
                         pending.clear();
                     }
-                    return Some((update, (events, tracker, pending, ended)));
+                    return Some((update, (events, tracker, pending, ended, watched)));
                 }
                 if ended {
                     return None;
                 }
+                let (metrics, watch) = &mut watched;
                 match events.next().await {
-                    Some(Ok(event)) => pending.extend(tracker.apply(event)),
-                    Some(Err(e)) => pending.push_back(U::failed(ErrorCode::Internal, e.to_string())),
-                    None => return None,
+                    Some(Ok(event)) => {
+                        watch.see(metrics, &event);
+                        pending.extend(tracker.apply(event));
+                    }
+                    Some(Err(e)) => {
+                        watch.lost(metrics);
+                        pending.push_back(U::failed(ErrorCode::Internal, e.to_string()));
+                    }
+                    None => {
+                        watch.lost(metrics);
+                        return None;
+                    }
                 }
             }
         }))
     }
+}
+
+/// Whether JetStream refused a job because its model's queue is full (the
+/// jobs stream's per-subject limit, with new messages discarded).
+fn queue_full(error: &jetstream::context::PublishError) -> bool {
+    std::error::Error::source(error)
+        .and_then(|source| source.downcast_ref::<jetstream::Error>())
+        .is_some_and(|e| e.to_string().contains("maximum messages per subject exceeded"))
 }
 
 /// How a non-streaming job ended, when it did not succeed.
@@ -214,9 +242,14 @@ impl JobClient {
     pub async fn run_job(&self, job: &Job) -> Result<(JobResult, Metrics), JobEnd> {
         let mut events = Box::pin(self.events(job.id).await.map_err(JobEnd::Lost)?);
         self.submit(job).await.map_err(JobEnd::Lost)?;
+        let mut watch = JobWatch::new(job.kind());
         let mut attempt = 0;
         while let Some(event) = events.next().await {
-            let event = event.map_err(JobEnd::Lost)?;
+            let event = event.map_err(|e| {
+                watch.lost(&self.metrics);
+                JobEnd::Lost(e)
+            })?;
+            watch.see(&self.metrics, &event);
             if event.attempt < attempt {
                 continue;
             }
@@ -228,6 +261,7 @@ impl JobClient {
                 _ => {}
             }
         }
+        watch.lost(&self.metrics);
         Err(JobEnd::Lost(ClientError::Events("the event stream ended".into())))
     }
 }
@@ -282,7 +316,7 @@ impl JobUpdate for ChatUpdate {
     fn from_event(attempt: u32, body: EventBody) -> Option<Self> {
         Some(match body {
             EventBody::Accepted { worker, model } => ChatUpdate::Accepted { worker, model, attempt },
-            EventBody::Token { text } => ChatUpdate::Delta(text),
+            EventBody::Token { text, .. } => ChatUpdate::Delta(text),
             EventBody::Done { result: JobResult::Chat { text, finish_reason }, metrics } => {
                 ChatUpdate::Done { text, finish_reason, metrics }
             }
@@ -509,7 +543,7 @@ mod tests {
     }
 
     fn tok(attempt: u32, t: &str) -> Event {
-        ev(attempt, EventBody::Token { text: t.into() })
+        ev(attempt, EventBody::Token { text: t.into(), tokens: Vec::new() })
     }
 
     #[test]
@@ -531,7 +565,7 @@ mod tests {
         let accepted = t.apply(ev(1, EventBody::Accepted { worker: "w1".into(), model: "m".into() }));
         assert_eq!(accepted, [AsrUpdate::Accepted { worker: "w1".into(), model: "m".into(), attempt: 1 }]);
         assert!(matches!(&t.apply(seg(1, "hello"))[..], [AsrUpdate::Segment(s)] if s.text == "hello"));
-        assert!(t.apply(ev(1, EventBody::Token { text: "x".into() })).is_empty(), "tokens are not shown for asr");
+        assert!(t.apply(ev(1, EventBody::Token { text: "x".into(), tokens: Vec::new() })).is_empty(), "tokens are not shown for asr");
         let restarted = t.apply(seg(2, "hello again"));
         assert_eq!(restarted.len(), 2);
         assert_eq!(restarted[0], AsrUpdate::Restart { attempt: 2 });

@@ -144,7 +144,7 @@ fn main() -> anyhow::Result<()> {
         Some((bot, cli.discord_store.unwrap_or(file.discord.store.clone())))
     };
     let mut jetstream = file.jetstream;
-    cli.nats.apply_replicas(&mut jetstream).map_err(anyhow::Error::msg)?;
+    cli.nats.apply_jetstream(&mut jetstream).map_err(anyhow::Error::msg)?;
     let api_keys = natter_bots::http::auth::ApiKeys::parse(&cli.api_keys.unwrap_or(file.http.api_keys.clone()))?;
     let config = natter_bots::BotsConfig {
         nats: cli.nats.resolve(&file.nats),

@@ -140,6 +140,9 @@ pub struct WorkerSection {
     /// Largest image an OCR job may carry, in pixels; checked from the
     /// image's header before any pixel is decoded.
     pub max_image_pixels: u64,
+    /// Where the worker serves `/metrics` (Prometheus), `/healthz` and
+    /// `/readyz`; none when unset, so several workers share a machine freely.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// How the chat KV cache stores keys and values.
@@ -185,6 +188,7 @@ impl Default for WorkerSection {
             max_input_bytes: 100 * 1024 * 1024,
             max_audio_seconds: 3600.0,
             max_image_pixels: 50_000_000,
+            metrics_addr: None,
         }
     }
 }

@@ -4,7 +4,7 @@
 //! settings that matter for correctness (work-queue retention, explicit acks,
 //! bounded redelivery) are fixed here rather than left to each caller.
 
-use crate::proto::JobKind;
+use crate::proto::{Event, JobKind};
 use crate::subjects;
 use async_nats::jetstream::{self, consumer, stream};
 use serde::Deserialize;
@@ -23,8 +23,8 @@ pub enum SetupError {
     Consumer { name: String, source: jetstream::stream::ConsumerError },
     #[error("cannot create object store {BLOB_BUCKET}: {0}")]
     Bucket(jetstream::context::CreateObjectStoreError),
-    #[error("cannot raise stream {name} to {replicas} replicas: {source}")]
-    Replicas { name: String, replicas: usize, source: jetstream::context::UpdateStreamError },
+    #[error("cannot update stream {name} to the configured replicas and limits: {source}")]
+    Update { name: String, source: jetstream::context::UpdateStreamError },
 }
 
 /// Delivery and retention settings, from `[jetstream]` in natter.toml.
@@ -46,6 +46,10 @@ pub struct JetStreamSettings {
     /// Copies JetStream keeps of each natter stream and of the blob bucket: 1
     /// on a single server; 3 in a cluster, so losing a node loses no job.
     pub replicas: usize,
+    /// Jobs one model's queue holds, waiting or running; past it JetStream
+    /// refuses new ones, and users are told the fleet is busy instead of
+    /// waiting for jobs that would time out.
+    pub max_pending: i64,
 }
 
 impl Default for JetStreamSettings {
@@ -56,6 +60,7 @@ impl Default for JetStreamSettings {
             events_max_age: Duration::from_secs(3600),
             jobs_max_age: Duration::from_secs(24 * 3600),
             replicas: 1,
+            max_pending: 1000,
         }
     }
 }
@@ -82,6 +87,11 @@ pub async fn ensure_streams(js: &jetstream::Context, settings: &JetStreamSetting
             retention: stream::RetentionPolicy::WorkQueue,
             storage: stream::StorageType::File,
             max_age: settings.jobs_max_age,
+            // One subject per (kind, model): a bounded queue per model, enforced
+            // by JetStream itself across every front-end.
+            max_messages_per_subject: settings.max_pending.max(1),
+            discard: stream::DiscardPolicy::New,
+            discard_new_per_subject: true,
             num_replicas: settings.replicas,
             ..Default::default()
         },
@@ -95,6 +105,8 @@ pub async fn ensure_streams(js: &jetstream::Context, settings: &JetStreamSetting
             retention: stream::RetentionPolicy::Limits,
             storage: stream::StorageType::File,
             max_age: settings.events_max_age,
+            // Followers read stored events from any replica (see `stored_events`).
+            allow_direct: true,
             num_replicas: settings.replicas,
             ..Default::default()
         },
@@ -120,16 +132,15 @@ pub async fn ensure_streams(js: &jetstream::Context, settings: &JetStreamSetting
     Ok(Streams { jobs, events, cancels, blobs })
 }
 
-/// Gets or creates a stream, raising its replicas to the configured count.
+/// Gets or creates a stream, bringing an existing one to the configured
+/// replicas and limits.
 ///
 /// Processes starting together on a fresh server race to create it, and the
 /// loser is refused ("subjects overlap"), so a failed create looks the stream
-/// up again before giving up. A stream that has fewer replicas than asked for
-/// (made by an earlier single-node setup) is updated in place; one with more
-/// is kept, since another process asked for them.
+/// up again before giving up.
 async fn stream_named(js: &jetstream::Context, config: stream::Config) -> Result<stream::Stream, SetupError> {
     let name = config.name.clone();
-    let replicas = config.num_replicas.max(1);
+    let wanted = config.clone();
     let mut stream = match js.get_or_create_stream(config).await {
         Ok(stream) => stream,
         Err(source) => {
@@ -137,27 +148,107 @@ async fn stream_named(js: &jetstream::Context, config: stream::Config) -> Result
             js.get_stream(&name).await.map_err(|_| SetupError::Stream { name: name.clone(), source })?
         }
     };
-    raise_replicas(js, &mut stream, replicas).await?;
+    reconcile(js, &mut stream, &wanted).await?;
     Ok(stream)
 }
 
-async fn raise_replicas(
-    js: &jetstream::Context,
-    stream: &mut stream::Stream,
-    replicas: usize,
-) -> Result<(), SetupError> {
+/// Updates a stream made by an earlier setup: a stream with fewer replicas
+/// than asked for (say, from a single-node start) is raised, one with more is
+/// kept, since another process asked for them; the per-subject limit (the
+/// queue bound) follows the configuration.
+async fn reconcile(js: &jetstream::Context, stream: &mut stream::Stream, wanted: &stream::Config) -> Result<(), SetupError> {
     let current = stream.cached_info().config.clone();
-    if current.num_replicas.max(1) >= replicas {
+    // The server shows "no limit" as -1 where a request may say 0.
+    let per_subject = |c: &stream::Config| c.max_messages_per_subject.max(0);
+    let updated = stream::Config {
+        num_replicas: current.num_replicas.max(wanted.num_replicas).max(1),
+        max_messages_per_subject: wanted.max_messages_per_subject,
+        discard: wanted.discard,
+        discard_new_per_subject: wanted.discard_new_per_subject,
+        allow_direct: current.allow_direct || wanted.allow_direct,
+        ..current.clone()
+    };
+    let unchanged = updated.num_replicas == current.num_replicas.max(1)
+        && per_subject(&updated) == per_subject(&current)
+        && updated.discard == current.discard
+        && updated.discard_new_per_subject == current.discard_new_per_subject
+        && updated.allow_direct == current.allow_direct;
+    if unchanged {
         return Ok(());
     }
-    tracing::info!(stream = %current.name, from = current.num_replicas.max(1), to = replicas, "raising stream replicas");
+    tracing::info!(
+        stream = %current.name,
+        replicas = updated.num_replicas,
+        max_per_subject = updated.max_messages_per_subject,
+        "updating stream to the configured replicas and limits"
+    );
     let name = current.name.clone();
-    js.update_stream(stream::Config { num_replicas: replicas, ..current })
-        .await
-        .map_err(|source| SetupError::Replicas { name, replicas, source })?;
+    js.update_stream(updated).await.map_err(|source| SetupError::Update { name, source })?;
     // Refreshes the cached info; the update itself has already been applied.
     let _ = stream.info().await;
     Ok(())
+}
+
+/// How long a process keeps trying to store a message or read a stream while
+/// the cluster elects a new leader for it (its node went away).
+pub const ELECTION_RETRY: Duration = Duration::from_secs(20);
+
+/// Tries `attempt` again while it fails, pausing 0.1 s and doubling up to 2 s,
+/// for up to [`ELECTION_RETRY`]: long enough for a cluster to elect a new stream
+/// leader after a node went away. Errors `is_final` says are answers, not
+/// outages, come back at once.
+pub async fn retry_while_electing<T, E, F>(
+    what: &str,
+    mut attempt: impl FnMut() -> F,
+    is_final: impl Fn(&E) -> bool,
+) -> Result<T, E>
+where
+    E: std::fmt::Display,
+    F: std::future::Future<Output = Result<T, E>>,
+{
+    let deadline = tokio::time::Instant::now() + ELECTION_RETRY;
+    let mut pause = std::time::Duration::from_millis(100);
+    loop {
+        match attempt().await {
+            Ok(value) => return Ok(value),
+            Err(e) if is_final(&e) || tokio::time::Instant::now() + pause > deadline => return Err(e),
+            Err(e) => {
+                tracing::warn!("cannot {what} yet ({e}); trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// A job's events stored at stream sequence `from` or later, in order, and
+/// the sequence to read from next time.
+///
+/// These are direct gets, which any replica of NATTER_EVENTS answers: reads
+/// go on while the stream elects a new leader, and no consumer is created
+/// (creating one needs the cluster's meta leader, which may be the node that
+/// went away). A replica may lag a little behind the leader; callers that
+/// follow a job read again later rather than take a short answer as the end.
+pub async fn stored_events(
+    events: &stream::Stream,
+    job_id: uuid::Uuid,
+    mut from: u64,
+) -> Result<(Vec<Event>, u64), stream::DirectGetError> {
+    let subject = subjects::events(job_id);
+    let mut found = Vec::new();
+    loop {
+        match events.direct_get_next_for_subject(subject.as_str(), Some(from.max(1))).await {
+            Ok(message) => {
+                from = message.sequence + 1;
+                match serde_json::from_slice::<Event>(&message.payload) {
+                    Ok(event) => found.push(event),
+                    Err(e) => tracing::warn!(job = %job_id, "skipping an unreadable stored event: {e}"),
+                }
+            }
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => return Ok((found, from)),
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 pub struct Streams {
@@ -239,7 +330,8 @@ async fn blob_store(
     };
     // The bucket is a stream underneath, and is raised like the others.
     if let Ok(mut stream) = js.get_stream(format!("OBJ_{BLOB_BUCKET}")).await {
-        raise_replicas(js, &mut stream, settings.replicas.max(1)).await?;
+        let wanted = stream::Config { num_replicas: settings.replicas, ..stream.cached_info().config.clone() };
+        reconcile(js, &mut stream, &wanted).await?;
     }
     Ok(store)
 }

@@ -259,15 +259,23 @@ pub struct NatsArgs {
     /// Replicas of each natter stream and the blob bucket (1 on one node, 3 in a cluster).
     #[arg(long, env = "NATTER_JS_REPLICAS")]
     pub js_replicas: Option<usize>,
+    /// Jobs one model's queue holds (waiting or running) before new ones get 429.
+    #[arg(long, env = "NATTER_MAX_PENDING")]
+    pub max_pending: Option<i64>,
 }
 
 impl NatsArgs {
-    /// Lays `--js-replicas` over the file's JetStream settings.
-    pub fn apply_replicas(&self, jetstream: &mut crate::jetstream::JetStreamSettings) -> Result<(), String> {
+    /// Lays `--js-replicas` and `--max-pending` over the file's JetStream settings.
+    pub fn apply_jetstream(&self, jetstream: &mut crate::jetstream::JetStreamSettings) -> Result<(), String> {
         match self.js_replicas {
-            Some(0) => Err("--js-replicas must be at least 1".into()),
-            Some(replicas) => {
-                jetstream.replicas = replicas;
+            Some(0) => return Err("--js-replicas must be at least 1".into()),
+            Some(replicas) => jetstream.replicas = replicas,
+            None => {}
+        }
+        match self.max_pending {
+            Some(n) if n < 1 => Err("--max-pending must be at least 1".into()),
+            Some(n) => {
+                jetstream.max_pending = n;
                 Ok(())
             }
             None => Ok(()),

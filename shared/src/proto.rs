@@ -328,6 +328,10 @@ pub enum EventBody {
     },
     Token {
         text: String,
+        /// The token ids behind `text` (chat jobs): a later attempt, after
+        /// this worker died, feeds them back and generates only the rest.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        tokens: Vec<u32>,
     },
     Segment {
         segment: Segment,
@@ -537,7 +541,7 @@ mod tests {
     fn every_event_round_trips() {
         let bodies = vec![
             EventBody::Accepted { worker: "w1".into(), model: "m1".into() },
-            EventBody::Token { text: "Hel".into() },
+            EventBody::Token { text: "Hel".into(), tokens: vec![72, 101] },
             EventBody::Segment { segment: Segment { start: 0.0, end: 2.5, text: "hello".into() } },
             EventBody::Line {
                 line: OcrLine {

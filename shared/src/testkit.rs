@@ -50,6 +50,37 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// Kills the server and starts it again on the same port and store, as
+    /// a restarted machine: clients reconnect, and JetStream keeps its data.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            self.child = Command::new(binary())
+                .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+                .arg(self._store.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start nats-server again");
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(5) {
+                if greets(self.port) {
+                    return;
+                }
+                // The old process's port may take a moment to free.
+                if self.child.try_wait().ok().flatten().is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            assert!(Instant::now() < deadline, "nats-server did not restart on port {}", self.port);
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
     /// How natter's processes reach this server.
     pub fn settings(&self) -> crate::nats::NatsSettings {
         crate::nats::NatsSettings::url(self.url())
@@ -168,6 +199,11 @@ impl NatsCluster {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         js.delete_stream("CLUSTER_PROBE").await.expect("remove the probe stream");
+    }
+
+    /// The names of the nodes still running.
+    pub fn running(&self) -> Vec<String> {
+        (0..self.nodes.len()).filter(|i| self.nodes[*i].is_some()).map(|i| format!("n{}", i + 1)).collect()
     }
 
     /// SIGKILLs the node named `name` (`n1`..`n3`) for good, as a machine that goes away.

@@ -101,21 +101,12 @@ impl InProcessWorker {
         js: JetStreamSettings,
         chat_batch: usize,
     ) -> Self {
-        let config = natter_worker::WorkerConfig {
-            nats: nats.clone(),
-            jetstream: js,
-            catalog,
-            models_dir: models_dir.to_path_buf(),
-            serve: models.iter().map(|m| m.to_string()).collect(),
-            max_context: 2048,
-            chat_batch,
-            kv_cache: Default::default(),
-            max_input_bytes: 100 << 20,
-            max_audio_seconds: 3600.0,
-            max_image_pixels: 50_000_000,
-            drain: Duration::from_secs(5),
-            name: name.to_string(),
-        };
+        Self::run(worker_config(nats, catalog, models_dir, models, name, js, chat_batch)).await
+    }
+
+    /// A worker run on `config` as it is; returns once it serves its models.
+    pub async fn run(config: natter_worker::WorkerConfig) -> Self {
+        let (nats, models) = (config.nats.clone(), config.serve.clone());
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             natter_worker::run(config, async {
@@ -125,11 +116,12 @@ impl InProcessWorker {
             .expect("worker runs");
         });
         let client = nats.connect("test").await.expect("connect to NATS");
-        for model in models {
+        for model in &models {
             wait_for_model(&client, model).await;
         }
         InProcessWorker { stop: Some(stop), task: Some(task) }
     }
+
 
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
@@ -138,6 +130,34 @@ impl InProcessWorker {
         if let Some(task) = self.task.take() {
             task.await.unwrap();
         }
+    }
+}
+
+/// The settings the tests' workers run with.
+pub fn worker_config(
+    nats: natter_shared::nats::NatsSettings,
+    catalog: Catalog,
+    models_dir: &Path,
+    models: &[&str],
+    name: &str,
+    jetstream: JetStreamSettings,
+    chat_batch: usize,
+) -> natter_worker::WorkerConfig {
+    natter_worker::WorkerConfig {
+        nats,
+        jetstream,
+        catalog,
+        models_dir: models_dir.to_path_buf(),
+        serve: models.iter().map(|m| m.to_string()).collect(),
+        max_context: 2048,
+        chat_batch,
+        kv_cache: Default::default(),
+        max_input_bytes: 100 << 20,
+        max_audio_seconds: 3600.0,
+        max_image_pixels: 50_000_000,
+        drain: Duration::from_secs(5),
+        name: name.to_string(),
+        metrics_addr: None,
     }
 }
 
@@ -289,8 +309,20 @@ impl ChildWorker {
         name: &str,
         extra_env: &[(&str, &str)],
     ) -> Self {
+        Self::spawn_on(&nats.url(), catalog_path, models_dir, model, name, extra_env)
+    }
+
+    /// A worker reaching NATS at `url` (a server list for a cluster).
+    pub fn spawn_on(
+        url: &str,
+        catalog_path: &Path,
+        models_dir: &Path,
+        model: &str,
+        name: &str,
+        extra_env: &[(&str, &str)],
+    ) -> Self {
         let mut cmd = Command::new(worker_binary());
-        cmd.env("NATS_URL", nats.url())
+        cmd.env("NATS_URL", url)
             .env("NATTER_CATALOG", catalog_path)
             .env("NATTER_MODELS_DIR", models_dir)
             .env("NATTER_SERVE", model)

@@ -291,7 +291,7 @@ pub fn run(args: &BenchArgs, loaded: &Loaded) -> Result<(), BenchError> {
         let mut loaded_ttft = None;
         while loaded_ttft.is_none() {
             for (id, event) in engine.step(&|_| false) {
-                if id == late && matches!(event, crate::chat::SequenceEvent::Text(_)) {
+                if id == late && matches!(event, crate::chat::SequenceEvent::Text { .. }) {
                     loaded_ttft = Some(arrived.elapsed().as_secs_f64() * 1e3);
                 }
             }

@@ -62,6 +62,9 @@ pub struct RunArgs {
     /// Largest image an OCR job may carry, in pixels.
     #[arg(long, env = "NATTER_MAX_IMAGE_PIXELS")]
     pub max_image_pixels: Option<u64>,
+    /// Where to serve /metrics (Prometheus), /healthz and /readyz, e.g. 0.0.0.0:9464.
+    #[arg(long, env = "NATTER_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -122,7 +125,7 @@ impl RunArgs {
             }
             jetstream.max_attempts = n;
         }
-        self.nats.apply_replicas(&mut jetstream).map_err(ConfigLoadError::Invalid)?;
+        self.nats.apply_jetstream(&mut jetstream).map_err(ConfigLoadError::Invalid)?;
         let drain = self.drain_secs.unwrap_or(file.worker.drain_secs);
         if !(drain.is_finite() && drain >= 0.0) {
             return Err(ConfigLoadError::Invalid("--drain-secs must be non-negative".into()));
@@ -149,6 +152,7 @@ impl RunArgs {
             max_image_pixels: self.max_image_pixels.unwrap_or(file.worker.max_image_pixels),
             drain: Duration::from_secs_f64(drain),
             name,
+            metrics_addr: self.metrics_addr.or(file.worker.metrics_addr),
         })
     }
 }

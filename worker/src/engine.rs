@@ -6,8 +6,9 @@
 //! The runner talks to it only through [`EngineHandle`].
 
 use natter_shared::proto::{ErrorCode, EventBody, Job, JobResult, Metrics};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 /// What a job finished with.
@@ -80,11 +81,23 @@ impl CancelFlag {
 pub struct JobContext {
     events: mpsc::Sender<EventBody>,
     cancel: Arc<CancelFlag>,
+    resume_from: Vec<u32>,
 }
 
 impl JobContext {
     pub fn new(events: mpsc::Sender<EventBody>, cancel: Arc<CancelFlag>) -> Self {
-        JobContext { events, cancel }
+        JobContext { events, cancel, resume_from: Vec::new() }
+    }
+
+    /// The answer tokens an earlier attempt of this job had streamed before
+    /// its worker died; engines that can continue from them do.
+    pub fn resuming(mut self, tokens: Vec<u32>) -> Self {
+        self.resume_from = tokens;
+        self
+    }
+
+    pub fn resume_from(&self) -> &[u32] {
+        &self.resume_from
     }
 
     /// Streams an event to the user. Blocks when the publisher falls behind, which
@@ -131,6 +144,38 @@ pub trait BatchEngine: Send + 'static {
     fn admit(&mut self, job: Job, ctx: JobContext, reply: Reply);
     /// Advances every admitted job, replying to those that finish.
     fn step(&mut self);
+    /// KV cache positions holding conversations now, and all there are.
+    fn kv_cache(&self) -> (usize, usize);
+}
+
+/// What an engine thread tells the metrics: atomics it alone writes.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    busy_ns: AtomicU64,
+    kv_used: AtomicU64,
+    kv_capacity: AtomicU64,
+}
+
+impl EngineStats {
+    pub fn add_busy(&self, time: Duration) {
+        self.busy_ns.fetch_add(time.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// Time spent running jobs or batch steps since the engine loaded.
+    pub fn busy(&self) -> Duration {
+        Duration::from_nanos(self.busy_ns.load(Ordering::Relaxed))
+    }
+
+    pub fn set_kv_cache(&self, used: usize, capacity: usize) {
+        self.kv_used.store(used as u64, Ordering::Relaxed);
+        self.kv_capacity.store(capacity as u64, Ordering::Relaxed);
+    }
+
+    /// The share of the KV cache in use; `None` for engines without one.
+    pub fn kv_cache_used(&self) -> Option<f64> {
+        let capacity = self.kv_capacity.load(Ordering::Relaxed);
+        (capacity > 0).then(|| self.kv_used.load(Ordering::Relaxed) as f64 / capacity as f64)
+    }
 }
 
 /// Where a job's outcome goes.
@@ -155,6 +200,7 @@ pub enum LoadError {
 pub struct EngineHandle {
     requests: mpsc::Sender<Request>,
     slots: usize,
+    stats: Arc<EngineStats>,
 }
 
 impl EngineHandle {
@@ -168,6 +214,8 @@ impl EngineHandle {
     {
         let (requests, mut inbox) = mpsc::channel::<Request>(1);
         let (loaded_tx, loaded_rx) = oneshot::channel();
+        let stats = Arc::new(EngineStats::default());
+        let thread_stats = stats.clone();
         std::thread::Builder::new()
             .name(format!("engine-{name}"))
             .spawn(move || {
@@ -182,13 +230,15 @@ impl EngineHandle {
                     }
                 };
                 while let Some(Request { job, ctx, reply }) = inbox.blocking_recv() {
+                    let started = Instant::now();
                     let outcome = engine.run(&job, &ctx);
+                    thread_stats.add_busy(started.elapsed());
                     let _ = reply.send(outcome);
                 }
             })
             .map_err(|e| LoadError::Failed(format!("cannot start engine thread: {e}")))?;
         match loaded_rx.await {
-            Ok(Ok(())) => Ok(EngineHandle { requests, slots: 1 }),
+            Ok(Ok(())) => Ok(EngineHandle { requests, slots: 1, stats }),
             Ok(Err(e)) => Err(LoadError::Failed(e)),
             Err(_) => Err(LoadError::ThreadDied),
         }
@@ -205,6 +255,8 @@ impl EngineHandle {
     {
         let (loaded_tx, loaded_rx) = oneshot::channel();
         let (inbox_tx, inbox_rx) = oneshot::channel::<mpsc::Receiver<Request>>();
+        let stats = Arc::new(EngineStats::default());
+        let thread_stats = stats.clone();
         std::thread::Builder::new()
             .name(format!("engine-{name}"))
             .spawn(move || {
@@ -233,8 +285,12 @@ impl EngineHandle {
                         }
                     }
                     if engine.active() > 0 {
+                        let started = Instant::now();
                         engine.step();
+                        thread_stats.add_busy(started.elapsed());
                     }
+                    let (used, capacity) = engine.kv_cache();
+                    thread_stats.set_kv_cache(used, capacity);
                 }
             })
             .map_err(|e| LoadError::Failed(format!("cannot start engine thread: {e}")))?;
@@ -245,12 +301,17 @@ impl EngineHandle {
         };
         let (requests, inbox) = mpsc::channel::<Request>(slots);
         inbox_tx.send(inbox).map_err(|_| LoadError::ThreadDied)?;
-        Ok(EngineHandle { requests, slots })
+        Ok(EngineHandle { requests, slots, stats })
     }
 
     /// Jobs the engine runs at once.
     pub fn slots(&self) -> usize {
         self.slots
+    }
+
+    /// The engine thread's figures, for the metrics.
+    pub fn stats(&self) -> Arc<EngineStats> {
+        self.stats.clone()
     }
 
     /// Runs one job; events stream through `ctx` while this awaits the outcome.

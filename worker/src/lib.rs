@@ -11,6 +11,7 @@ pub mod chat;
 pub mod config;
 pub mod engine;
 pub mod fetch;
+pub mod metrics;
 pub mod ner;
 pub mod ocr;
 mod runner;
@@ -27,6 +28,7 @@ use natter_shared::catalog::Catalog;
 use natter_shared::jetstream::{self as js_setup, JetStreamSettings};
 use natter_shared::proto::JobKind;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,6 +50,8 @@ pub enum WorkerError {
     Load { id: String, source: engine::LoadError },
     #[error("cannot register with the NATS service API: {0}")]
     Service(String),
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics { addr: SocketAddr, source: std::io::Error },
 }
 
 /// The job kinds this worker has engines for.
@@ -78,12 +82,35 @@ pub struct WorkerConfig {
     pub drain: Duration,
     /// Shown in `accepted` events and the service API.
     pub name: String,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served, if anywhere.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
     let client = config.nats.connect(&format!("natter-worker {}", config.name)).await?;
     let js = async_nats::jetstream::new(client.clone());
     let streams = js_setup::ensure_streams(&js, &config.jetstream).await?;
+    let stop = CancellationToken::new();
+    let metrics = Arc::new(metrics::WorkerMetrics::default());
+    let health = Arc::new(metrics::Health {
+        nats: client.clone(),
+        js: js.clone(),
+        metrics: metrics.clone(),
+        loaded: Default::default(),
+    });
+    // Listening before the models load lets an orchestrator tell "loading"
+    // (alive, not ready) from "dead".
+    let metrics_server = match config.metrics_addr {
+        Some(addr) => {
+            let listener =
+                tokio::net::TcpListener::bind(addr).await.map_err(|source| WorkerError::Metrics { addr, source })?;
+            tracing::info!("metrics on http://{}/metrics", listener.local_addr().unwrap_or(addr));
+            let app = metrics::app(health.clone());
+            let stopped = stop.clone().cancelled_owned();
+            Some(tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stopped).await }))
+        }
+        None => None,
+    };
 
     let mut served = Vec::new();
     for id in &config.serve {
@@ -118,31 +145,37 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> Re
 
     let shared = Arc::new(runner::Shared::new(
         js.clone(),
+        streams.events.clone(),
         streams.cancels.clone(),
         streams.blobs.clone(),
         config.max_input_bytes,
         config.jetstream.clone(),
         config.name.clone(),
         config.drain,
+        metrics.clone(),
     ));
     let models: Vec<_> = served.iter().map(|(e, _, _)| e.clone()).collect();
     let service =
         service::register(&client, &config.name, &models, shared.clone()).await.map_err(WorkerError::Service)?;
 
-    let stop = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(runner::listen_for_cancels(client.clone(), shared.clone(), stop.clone()));
     for (entry, engine, consumer) in served {
         tracing::info!(model = %entry.id, kind = %entry.kind, "serving");
         let slots = engine.slots();
-        tasks.spawn(runner::serve_model(shared.clone(), consumer, entry.id, engine, slots, stop.clone()));
+        metrics.serve(&entry.id, slots, engine.stats());
+        tasks.spawn(runner::serve_model(shared.clone(), consumer, entry.kind, entry.id, engine, slots, stop.clone()));
     }
+    health.set_loaded();
     tracing::info!(worker = %config.name, "ready");
     shutdown.await;
     tracing::info!("stopping: no new jobs; draining running ones");
     stop.cancel();
     while tasks.join_next().await.is_some() {}
     service.stop().await;
+    if let Some(server) = metrics_server {
+        let _ = server.await;
+    }
     let _ = client.flush().await;
     tracing::info!("stopped");
     Ok(())

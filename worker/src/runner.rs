@@ -8,14 +8,15 @@
 //! is free, so a busy worker never sits on jobs another worker could run.
 
 use crate::engine::{CancelFlag, CancelReason, EngineError, EngineHandle, JobContext};
+use crate::metrics::{Outcome, WorkerMetrics};
 use async_nats::jetstream::object_store::ObjectStore;
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
 use futures::StreamExt;
 use natter_shared::blob::BlobError;
 use natter_shared::jetstream::JetStreamSettings;
-use natter_shared::proto::{Blob, ErrorCode, Event, EventBody, Job, JobInput, V1};
+use natter_shared::proto::{Blob, ErrorCode, Event, EventBody, Job, JobInput, JobKind, JobResult, V1};
 use natter_shared::subjects;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -28,6 +29,8 @@ use uuid::Uuid;
 /// State shared by every model this worker serves.
 pub struct Shared {
     pub js: jetstream::Context,
+    /// Where earlier attempts' events are read back from, to resume them.
+    pub events: jetstream::stream::Stream,
     pub cancels: jetstream::stream::Stream,
     /// Where inputs above the inline limit wait.
     pub blobs: ObjectStore,
@@ -35,28 +38,34 @@ pub struct Shared {
     pub settings: JetStreamSettings,
     pub worker: String,
     pub drain: Duration,
+    pub metrics: Arc<WorkerMetrics>,
     running: Mutex<HashMap<Uuid, Arc<CancelFlag>>>,
     busy: AtomicUsize,
 }
 
 impl Shared {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         js: jetstream::Context,
+        events: jetstream::stream::Stream,
         cancels: jetstream::stream::Stream,
         blobs: ObjectStore,
         max_input_bytes: u64,
         settings: JetStreamSettings,
         worker: String,
         drain: Duration,
+        metrics: Arc<WorkerMetrics>,
     ) -> Self {
         Shared {
             js,
+            events,
             cancels,
             blobs,
             max_input_bytes,
             settings,
             worker,
             drain,
+            metrics,
             running: Mutex::default(),
             busy: AtomicUsize::new(0),
         }
@@ -121,6 +130,7 @@ pub async fn listen_for_cancels(client: async_nats::Client, shared: Arc<Shared>,
 pub async fn serve_model(
     shared: Arc<Shared>,
     consumer: PullConsumer,
+    kind: JobKind,
     model: String,
     engine: EngineHandle,
     slots: usize,
@@ -161,7 +171,7 @@ pub async fn serve_model(
                     let engine = engine.clone();
                     let model = model.clone();
                     jobs.spawn(async move {
-                        handle(&shared, &engine, &model, msg).await;
+                        handle(&shared, &engine, kind, &model, msg).await;
                         drop(permit);
                     });
                     break;
@@ -210,15 +220,18 @@ impl EventPublisher<'_> {
     async fn publish(&mut self, body: EventBody) {
         let event = Event { v: V1, job_id: self.job_id, attempt: self.attempt, seq: self.seq, body };
         self.seq += 1;
-        let payload = serde_json::to_vec(&event).expect("events serialize");
+        let payload: bytes::Bytes = serde_json::to_vec(&event).expect("events serialize").into();
         let subject = subjects::events(self.job_id);
-        match self.js.publish(subject, payload.into()).await {
-            Ok(ack) => {
-                if let Err(e) = ack.await {
-                    tracing::warn!(job = %self.job_id, "event not stored: {e}");
-                }
-            }
-            Err(e) => tracing::warn!(job = %self.job_id, "cannot publish event: {e}"),
+        // Followers reading the stream after a reconnect depend on every event
+        // being stored: a stream between leaders is tried again, and the
+        // message id keeps a retried event from being stored twice.
+        let id = format!("{}.{}.{}", event.job_id, event.attempt, event.seq);
+        let store = || async {
+            let publish = jetstream::message::PublishMessage::build().message_id(id.as_str()).payload(payload.clone());
+            self.js.send_publish(subject.clone(), publish).await?.await.map(|_| ())
+        };
+        if let Err(e) = natter_shared::jetstream::retry_while_electing("store an event", store, |_| false).await {
+            tracing::warn!(job = %self.job_id, "event not stored: {e}");
         }
     }
 
@@ -256,8 +269,49 @@ async fn resolve_blobs(shared: &Shared, mut job: Job) -> Result<Job, (ErrorCode,
     }
 }
 
-async fn handle(shared: &Shared, engine: &EngineHandle, model: &str, msg: jetstream::Message) {
+/// The longest answer an earlier attempt of the job streamed, as token ids:
+/// each attempt's token events in order from its first, up to any gap or an
+/// event without ids. Empty when nothing is stored (or it expired), and the
+/// job then starts over.
+async fn earlier_answer(shared: &Shared, job_id: Uuid, attempt: u32) -> Vec<u32> {
+    let events = match natter_shared::jetstream::stored_events(&shared.events, job_id, 1).await {
+        Ok((events, _)) => events,
+        Err(e) => {
+            tracing::warn!(job = %job_id, "cannot read the earlier attempts' events, starting over: {e}");
+            return Vec::new();
+        }
+    };
+    longest_answer(events, attempt)
+}
+
+fn longest_answer(events: Vec<Event>, before_attempt: u32) -> Vec<u32> {
+    let mut attempts: BTreeMap<u32, BTreeMap<u64, EventBody>> = BTreeMap::new();
+    for event in events.into_iter().filter(|e| e.attempt < before_attempt) {
+        attempts.entry(event.attempt).or_default().insert(event.seq, event.body);
+    }
+    let mut best = Vec::new();
+    for bodies in attempts.into_values() {
+        let mut answer = Vec::new();
+        for (expected, (seq, body)) in bodies.into_iter().enumerate() {
+            if seq != expected as u64 {
+                break;
+            }
+            match body {
+                EventBody::Token { text, tokens } if tokens.is_empty() && !text.is_empty() => break,
+                EventBody::Token { tokens, .. } => answer.extend(tokens),
+                _ => {}
+            }
+        }
+        if answer.len() > best.len() {
+            best = answer;
+        }
+    }
+    best
+}
+
+async fn handle(shared: &Shared, engine: &EngineHandle, kind: JobKind, model: &str, msg: jetstream::Message) {
     let attempt = msg.info().map(|i| i.delivered as u32).unwrap_or(1);
+    let end = |outcome| shared.metrics.ended(kind.as_str(), model, outcome);
     let job: Job = match serde_json::from_slice(&msg.payload) {
         Ok(job) => job,
         Err(e) => {
@@ -270,6 +324,7 @@ async fn handle(shared: &Shared, engine: &EngineHandle, model: &str, msg: jetstr
                 let mut events = EventPublisher { js: &shared.js, job_id, attempt, seq: 0 };
                 events.fail(ErrorCode::MalformedJob, format!("the job could not be read: {e}")).await;
             }
+            end(Outcome::Failed(ErrorCode::MalformedJob));
             ack(&msg, AckKind::Term).await;
             return;
         }
@@ -278,6 +333,7 @@ async fn handle(shared: &Shared, engine: &EngineHandle, model: &str, msg: jetstr
 
     if job.model != model {
         events.fail(ErrorCode::UnknownModel, format!("this queue serves `{model}`, not `{}`", job.model)).await;
+        end(Outcome::Failed(ErrorCode::UnknownModel));
         return ack(&msg, AckKind::Ack).await;
     }
     if i64::from(attempt) > shared.settings.max_attempts {
@@ -291,15 +347,18 @@ async fn handle(shared: &Shared, engine: &EngineHandle, model: &str, msg: jetstr
                 ),
             )
             .await;
+        end(Outcome::Failed(ErrorCode::RetriesExhausted));
         return ack(&msg, AckKind::Ack).await;
     }
     if job.deadline.is_some_and(|d| d < OffsetDateTime::now_utc()) {
         events.fail(ErrorCode::DeadlineExceeded, "the job's deadline passed before a worker was free").await;
+        end(Outcome::Failed(ErrorCode::DeadlineExceeded));
         return ack(&msg, AckKind::Ack).await;
     }
     if shared.cancelled_while_queued(job.id).await {
         tracing::info!(job = %job.id, "dropping a job cancelled while queued");
         events.publish(EventBody::Cancelled).await;
+        end(Outcome::Cancelled);
         return ack(&msg, AckKind::Ack).await;
     }
 
@@ -307,6 +366,7 @@ async fn handle(shared: &Shared, engine: &EngineHandle, model: &str, msg: jetstr
         Ok(job) => job,
         Err((code, message)) => {
             events.fail(code, message).await;
+            end(Outcome::Failed(code));
             return ack(&msg, AckKind::Ack).await;
         }
     };
@@ -316,14 +376,23 @@ async fn handle(shared: &Shared, engine: &EngineHandle, model: &str, msg: jetstr
     let flag = Arc::new(CancelFlag::default());
     shared.running.lock().unwrap().insert(job.id, flag.clone());
     shared.busy.fetch_add(1, Ordering::Relaxed);
+    shared.metrics.started(model, attempt);
     // A cancel that raced the registration above is caught here.
     if shared.cancelled_while_queued(job.id).await {
         flag.cancel(CancelReason::User);
     }
 
     let job_id = job.id;
+    let resume = if attempt > 1 && matches!(job.input, JobInput::Chat(_)) {
+        earlier_answer(shared, job_id, attempt).await
+    } else {
+        Vec::new()
+    };
+    if !resume.is_empty() {
+        tracing::info!(job = %job_id, attempt, tokens = resume.len(), "resuming the answer an earlier attempt streamed");
+    }
     let (tx, mut rx) = mpsc::channel(256);
-    let run = engine.run(job, JobContext::new(tx, flag.clone()));
+    let run = engine.run(job, JobContext::new(tx, flag.clone()).resuming(resume));
     tokio::pin!(run);
     let mut heartbeat = tokio::time::interval(shared.settings.ack_wait / 3);
     heartbeat.tick().await;
@@ -340,24 +409,68 @@ async fn handle(shared: &Shared, engine: &EngineHandle, model: &str, msg: jetstr
     }
     shared.running.lock().unwrap().remove(&job_id);
     shared.busy.fetch_sub(1, Ordering::Relaxed);
+    shared.metrics.stopped(model);
 
     match outcome {
         Ok(done) => {
+            if let JobResult::Chat { .. } = done.result {
+                shared.metrics.chat_done(model, &done.metrics);
+            }
             events.publish(EventBody::Done { result: done.result, metrics: done.metrics }).await;
+            end(Outcome::Done);
             ack(&msg, AckKind::Ack).await;
         }
         Err(EngineError::Cancelled) if flag.reason() == Some(CancelReason::Shutdown) => {
             tracing::info!(job = %job_id, "handing the job back for another worker");
+            end(Outcome::HandedBack);
             ack(&msg, AckKind::Nak(None)).await;
         }
         Err(EngineError::Cancelled) => {
             events.publish(EventBody::Cancelled).await;
+            end(Outcome::Cancelled);
             ack(&msg, AckKind::Ack).await;
         }
         Err(EngineError::Failed { code, message }) => {
             tracing::info!(job = %job_id, ?code, "failed: {message}");
             events.fail(code, message).await;
+            end(Outcome::Failed(code));
             ack(&msg, AckKind::Ack).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(attempt: u32, seq: u64, body: EventBody) -> Event {
+        Event { v: V1, job_id: Uuid::nil(), attempt, seq, body }
+    }
+
+    fn token(attempt: u32, seq: u64, tokens: &[u32]) -> Event {
+        event(attempt, seq, EventBody::Token { text: "x".into(), tokens: tokens.to_vec() })
+    }
+
+    #[test]
+    fn the_longest_unbroken_earlier_answer_is_resumed() {
+        let accepted = |attempt| event(attempt, 0, EventBody::Accepted { worker: "w".into(), model: "m".into() });
+        let events = vec![
+            accepted(1),
+            token(1, 1, &[1, 2]),
+            token(1, 2, &[3]),
+            // Attempt 2 took over attempt 1's answer and went further, but
+            // one of its events is missing: only what comes before the gap counts.
+            accepted(2),
+            token(2, 1, &[1, 2, 3, 4]),
+            token(2, 3, &[6]),
+            // The current attempt's own events are not earlier ones.
+            accepted(3),
+            token(3, 1, &[9, 9, 9, 9, 9, 9]),
+        ];
+        assert_eq!(longest_answer(events.clone(), 3), [1, 2, 3, 4]);
+        assert_eq!(longest_answer(events, 2), [1, 2, 3]);
+        // Text without ids (a worker that did not send them) ends the answer.
+        let old = vec![accepted(1), token(1, 1, &[5]), event(1, 2, EventBody::Token { text: "y".into(), tokens: vec![] })];
+        assert_eq!(longest_answer(old, 2), [5]);
     }
 }

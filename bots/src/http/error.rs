@@ -60,6 +60,17 @@ impl ApiError {
         }
     }
 
+    /// The model's queue is full: OpenAI's 429, which its clients retry
+    /// after the `Retry-After` the response carries.
+    pub fn busy(model: &str) -> Self {
+        ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            kind: "server_error",
+            code: "fleet_busy",
+            message: format!("every worker serving `{model}` is busy and its queue is full; try again shortly"),
+        }
+    }
+
     pub fn timeout() -> Self {
         ApiError {
             status: StatusCode::GATEWAY_TIMEOUT,
@@ -111,14 +122,25 @@ impl ApiError {
     }
 }
 
+/// Seconds a client is asked to wait when the fleet is busy: about the time
+/// a short chat takes, so a slot has likely come free.
+pub const BUSY_RETRY_AFTER_SECS: u32 = 5;
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body())).into_response()
+        let mut response = (self.status, Json(self.body())).into_response();
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, BUSY_RETRY_AFTER_SECS.into());
+        }
+        response
     }
 }
 
 impl From<crate::client::ClientError> for ApiError {
     fn from(e: crate::client::ClientError) -> Self {
+        if let crate::client::ClientError::Busy { model } = &e {
+            return ApiError::busy(model);
+        }
         tracing::error!("job client: {e}");
         ApiError::unavailable("the job queue is unreachable; try again shortly")
     }

@@ -5,6 +5,7 @@ pub mod auth;
 mod dashboard;
 pub mod error;
 mod followed;
+mod health;
 mod ner;
 mod ocr;
 pub mod openai;
@@ -37,7 +38,11 @@ pub fn app(state: AppState) -> Router {
     // Only the upload routes take bodies this large; the rest keep axum's 2 MB.
     let uploads = DefaultBodyLimit::max(state.max_upload.saturating_add(upload::FORM_OVERHEAD));
     // The page itself is open: it asks for a key when the API answers 401.
-    let open = Router::new().route("/", get(dashboard::page)).route("/healthz", get(|| async { "ok" }));
+    let open = Router::new()
+        .route("/", get(dashboard::page))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(health::ready))
+        .route("/metrics", get(health::metrics));
     let keyed = Router::new()
         .route("/api/fleet", get(dashboard::fleet))
         .route("/api/jobs/{id}/cancel", post(dashboard::cancel))
@@ -51,5 +56,6 @@ pub fn app(state: AppState) -> Router {
         .route("/api/ocr/stream", post(ocr::ocr_stream).layer(uploads))
         .fallback(|| async { error::ApiError::not_found("no such endpoint") })
         .layer(middleware::from_fn_with_state(state.api_keys.clone(), auth::require_key));
-    open.merge(keyed).with_state(state)
+    let jobs = state.jobs.clone();
+    open.merge(keyed).layer(middleware::from_fn_with_state(jobs, health::count_requests)).with_state(state)
 }

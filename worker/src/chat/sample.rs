@@ -37,6 +37,17 @@ impl Sampler {
         }
     }
 
+    /// Brings the sampler to where it was after `sampled` tokens: each token
+    /// drawn at a positive temperature takes one number from the generator
+    /// (greedy ones take none), so a resumed answer goes on as it would have.
+    pub fn skip(&mut self, sampled: usize) {
+        if self.temperature > 0.0 {
+            for _ in 0..sampled {
+                self.rng.random::<f32>();
+            }
+        }
+    }
+
     /// Picks the next token; `history` is the sequence so far (prompt and answer).
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
         if self.repeat_penalty != 1.0 {

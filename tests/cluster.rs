@@ -58,10 +58,6 @@ async fn ask(http: &reqwest::Client, url: &str, n: usize) -> Result<String, Stri
     Ok(answer["choices"][0]["message"]["content"].as_str().unwrap_or_default().to_string())
 }
 
-// Open: after the leader's node is killed, creating the ordered consumer that
-// follows a job's events times out for over 20 s on nats-server 2.9, so about
-// one chat in five started in that window gets 503. Run with `--ignored`.
-#[ignore = "event follows time out for 20 s after the leader is lost (issue 22, open)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chats_keep_being_answered_when_the_job_queue_leader_is_lost() {
     let mut cluster = NatsCluster::start();

@@ -12,4 +12,4 @@ source scripts/env.sh
 export NATTER_MODELS_DIR="${NATTER_MODELS_DIR:-$CACHE/models}"
 scripts/install-deps.sh
 export NATTER_DRILL_JOBS="${1:-1000}"
-cargo test --test drill -- --test-threads 1 --nocapture 2>&1 | grep -E "^drill|test result|panicked|lost|differ"
+cargo test --workspace --test drill -- --test-threads 1 --nocapture 2>&1 | grep -E "^drill|test result|panicked|lost|differ"

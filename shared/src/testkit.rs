@@ -2,13 +2,16 @@
 //! a temporary store, killed and wiped on drop.
 
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub struct NatsServer {
     child: Child,
     port: u16,
+    /// How the server was started, to start it again the same way.
+    args: Vec<std::ffi::OsString>,
+    env: Vec<(String, String)>,
     _store: tempfile::TempDir,
 }
 
@@ -18,25 +21,40 @@ impl NatsServer {
     /// The binary is `$NATS_SERVER_BIN`, else `nats-server` on `PATH`, else the
     /// copy `scripts/install-deps.sh` puts in `~/.cache/natter/bin`.
     pub fn start() -> NatsServer {
+        Self::launch(&[], |port, store| {
+            let mut args: Vec<std::ffi::OsString> =
+                ["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"].iter().map(Into::into).collect();
+            args.push(store.into());
+            args
+        })
+    }
+
+    /// Starts a server from the config file `config(port, store_dir)` writes,
+    /// with `env` (a config's `$VARIABLES`) in its environment.
+    pub fn start_with_config(config: impl Fn(u16, &Path) -> String, env: &[(&str, &str)]) -> NatsServer {
+        Self::launch(env, |port, store| {
+            let path = store.join("nats-server.conf");
+            std::fs::write(&path, config(port, &store.join("jetstream"))).expect("write the server config");
+            vec!["-c".into(), path.into()]
+        })
+    }
+
+    fn launch(env: &[(&str, &str)], args: impl Fn(u16, &Path) -> Vec<std::ffi::OsString>) -> NatsServer {
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         // A port picked free can be taken by another test's server before ours
         // binds it; a server that exits at once is retried on a new port.
         for _ in 0..5 {
             let store = tempfile::tempdir().expect("temp dir for JetStream store");
             let port = free_port();
-            let mut child = Command::new(binary())
-                .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-                .arg(store.path())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start nats-server (run scripts/install-deps.sh to install it)");
+            let args = args(port, store.path());
+            let mut child = spawn(&args, &env);
             let deadline = Instant::now() + Duration::from_secs(15);
             while Instant::now() < deadline {
                 if child.try_wait().ok().flatten().is_some() {
                     break;
                 }
                 if greets(port) {
-                    return NatsServer { child, port, _store: store };
+                    return NatsServer { child, port, args, env, _store: store };
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -57,13 +75,7 @@ impl NatsServer {
         let _ = self.child.wait();
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            self.child = Command::new(binary())
-                .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
-                .arg(self._store.path())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start nats-server again");
+            self.child = spawn(&self.args, &self.env);
             let started = Instant::now();
             while started.elapsed() < Duration::from_secs(5) {
                 if greets(self.port) {
@@ -100,6 +112,16 @@ impl Drop for NatsServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn spawn(args: &[std::ffi::OsString], env: &[(String, String)]) -> Child {
+    Command::new(binary())
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start nats-server (run scripts/install-deps.sh to install it)")
 }
 
 /// Whether a NATS server answers on `port` with its INFO greeting.

@@ -106,7 +106,14 @@ impl InProcessWorker {
 
     /// A worker run on `config` as it is; returns once it serves its models.
     pub async fn run(config: natter_worker::WorkerConfig) -> Self {
-        let (nats, models) = (config.nats.clone(), config.serve.clone());
+        let nats = config.nats.clone();
+        Self::run_seen_by(config, &nats).await
+    }
+
+    /// Like [`InProcessWorker::run`], asking the fleet through `nats` (a user
+    /// allowed to, where the worker's own may not) whether it serves yet.
+    pub async fn run_seen_by(config: natter_worker::WorkerConfig, nats: &natter_shared::nats::NatsSettings) -> Self {
+        let models = config.serve.clone();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             natter_worker::run(config, async {

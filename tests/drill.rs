@@ -5,13 +5,16 @@
 //!   NATS_URL), three worker processes are SIGKILLed at random and started
 //!   again, and the node leading NATTER_JOBS is killed for good a third of
 //!   the way in.
-//! - On a single nats-server, the server is restarted mid-run.
+//! - On a single nats-server run as deploy/ runs it (TLS with client
+//!   certificates, the shipped accounts and least-privilege users), the
+//!   server is restarted mid-run.
 //!
 //! `cargo test --test drill` runs a short drill; `scripts/drill.sh` runs it
 //! with 1,000 jobs (`NATTER_DRILL_JOBS`) and prints the figures.
 
 mod common;
 
+use common::secure::*;
 use common::*;
 use natter_shared::jetstream::{JetStreamSettings, JOBS_STREAM};
 use natter_shared::testkit::NatsCluster;
@@ -234,17 +237,24 @@ async fn a_cluster_losing_workers_and_its_queue_leader_loses_no_job() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_single_server_restarted_mid_run_loses_no_job() {
+async fn a_secured_single_server_restarted_mid_run_loses_no_job() {
     let jobs = jobs_to_run(150) / 2;
-    let mut nats = NatsServer::start();
+    // As deploy/ runs it: TLS with client certificates, the shipped accounts.
+    let certs = tempfile::tempdir().unwrap();
+    make_certs(certs.path());
+    let mut nats = secure_server(certs.path());
+    let worker = as_user(&nats, certs.path(), "worker", WORKER_PASSWORD);
+    let frontend = as_user(&nats, certs.path(), "frontend", FRONTEND_PASSWORD);
     let dir = tempfile::tempdir().unwrap();
     let catalog = catalog_with_tiny(dir.path());
     let catalog_path = dir.path().join("models.toml");
-    let env = [("NATTER_ACK_WAIT", "2"), ("NATTER_MAX_ATTEMPTS", "6")];
+    let mut env = worker_env(&worker);
+    env.extend([("NATTER_ACK_WAIT".into(), "2".into()), ("NATTER_MAX_ATTEMPTS".into(), "6".into())]);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let _a = ChildWorker::spawn(&nats, &catalog_path, &models_dir(), TINY_MODEL, "drill-a", &env);
     let _b = ChildWorker::spawn(&nats, &catalog_path, &models_dir(), TINY_MODEL, "drill-b", &env);
-    wait_for_workers(&nats.settings(), 2).await;
-    let (url, _stop) = start_http_on(nats.settings(), settings(2.0, 6), catalog, Default::default()).await;
+    wait_for_workers(&frontend, 2).await;
+    let (url, _stop) = start_http_on(frontend, settings(2.0, 6), catalog, Default::default()).await;
     let http = reqwest::Client::new();
     let quiet = quiet_answers(&http, &url).await;
 
@@ -256,5 +266,5 @@ async fn a_single_server_restarted_mid_run_loses_no_job() {
         }
     })
     .await;
-    outcome.report("single-server", jobs, wall, "nats-server restarted once");
+    outcome.report("single-server", jobs, wall, "TLS and the shipped accounts; nats-server restarted once");
 }

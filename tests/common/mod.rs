@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod secure;
+
 use natter_shared::catalog::Catalog;
 use natter_shared::jetstream::JetStreamSettings;
 pub use natter_shared::testkit::NatsServer;

@@ -47,6 +47,24 @@ async fn the_api_asks_for_a_key_and_the_openai_client_sends_it() {
     let fleet = http.get(format!("{}/api/fleet", stack.url)).bearer_auth("sk-bob").send().await.unwrap();
     assert_eq!(fleet.status(), 200);
 
+    // A key's jobs are its user's alone: another key cannot cancel them.
+    let chat = serde_json::json!({"model": TINY_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4});
+    let done: serde_json::Value = http
+        .post(format!("{}/v1/chat/completions", stack.url))
+        .bearer_auth(KEY)
+        .json(&chat)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let cancel = format!("{}/api/jobs/{}/cancel", stack.url, done["id"].as_str().unwrap());
+    let by_bob = http.post(&cancel).bearer_auth("sk-bob").send().await.unwrap();
+    assert_eq!(by_bob.status(), 404, "bob cancelled alice's job");
+    let by_alice = http.post(&cancel).bearer_auth(KEY).send().await.unwrap();
+    assert_eq!(by_alice.status(), 200);
+
     let mut python = Command::new("python3");
     python.arg(repo_root().join("tests/openai/keys.py")).arg(&stack.url).arg(KEY).arg(TINY_MODEL);
     run_checker(python).await;

@@ -42,7 +42,19 @@ pub struct JobClient {
     /// Where inputs too large to travel inside a job message go.
     blobs: ObjectStore,
     metrics: Arc<FrontMetrics>,
+    owners: Arc<std::sync::Mutex<Owners>>,
 }
+
+/// Who submitted the jobs this process submitted lately, so a caller can
+/// cancel only their own. Bounded: the oldest are forgotten first.
+#[derive(Default)]
+struct Owners {
+    users: std::collections::HashMap<Uuid, String>,
+    order: std::collections::VecDeque<Uuid>,
+}
+
+/// Jobs whose submitter a front-end remembers.
+const OWNERS_KEPT: usize = 100_000;
 
 impl JobClient {
     pub async fn connect(nats: &NatsSettings, settings: &JetStreamSettings) -> Result<Self, ClientError> {
@@ -50,7 +62,8 @@ impl JobClient {
         let js = jetstream::new(client.clone());
         let streams = ensure_streams(&js, settings).await?;
         let metrics = Arc::new(FrontMetrics::default());
-        Ok(JobClient { client, js, events: streams.events, blobs: streams.blobs, metrics })
+        let owners = Arc::default();
+        Ok(JobClient { client, js, events: streams.events, blobs: streams.blobs, metrics, owners })
     }
 
     pub fn nats(&self) -> &async_nats::Client {
@@ -70,13 +83,27 @@ impl JobClient {
     pub async fn submit(&self, job: &Job) -> Result<(), ClientError> {
         let payload = serde_json::to_vec(job).map_err(|e| ClientError::Submit(e.to_string()))?;
         match self.publish_stored(subjects::job(job.kind(), &job.model), job.id.to_string(), payload.into()).await {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                let mut owners = self.owners.lock().unwrap();
+                owners.users.insert(job.id, job.origin.user.clone());
+                owners.order.push_back(job.id);
+                if owners.order.len() > OWNERS_KEPT {
+                    let oldest = owners.order.pop_front().expect("the log is not empty");
+                    owners.users.remove(&oldest);
+                }
+                Ok(())
+            }
             Err(e) if queue_full(&e) => {
                 self.metrics.job_ended(job.kind(), "busy");
                 Err(ClientError::Busy { model: job.model.clone() })
             }
             Err(e) => Err(ClientError::Submit(e.to_string())),
         }
+    }
+
+    /// The user who submitted `job_id` through this process, if it did lately.
+    pub fn owner(&self, job_id: Uuid) -> Option<String> {
+        self.owners.lock().unwrap().users.get(&job_id).cloned()
     }
 
     /// Sets the queue-depth gauge of every model in `catalog` that workers

@@ -12,12 +12,16 @@ use futures::StreamExt;
 use natter_shared::jetstream::stored_events;
 use natter_shared::proto::Event;
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 /// How long a quiet follow waits before asking the stream what it missed: an
 /// event published while this process was between nodes reached no one live.
 const QUIET_CHECK: Duration = Duration::from_secs(2);
+
+/// How long held events wait for an attempt's first ones before the attempt
+/// is taken to start at the earliest held.
+const FIRST_EVENTS_WAIT: Duration = Duration::from_secs(1);
 
 pub struct Follower {
     job_id: Uuid,
@@ -30,6 +34,8 @@ pub struct Follower {
     /// Events that came before one they follow.
     held: BTreeMap<(u32, u64), Event>,
     ready: VecDeque<Event>,
+    /// Since when held events have waited for ones before them.
+    stuck_since: Option<Instant>,
 }
 
 impl Follower {
@@ -48,6 +54,7 @@ impl Follower {
             next: HashMap::new(),
             held: BTreeMap::new(),
             ready: VecDeque::new(),
+            stuck_since: None,
         };
         follower.read_stored().await;
         Ok(follower)
@@ -71,6 +78,15 @@ impl Follower {
             // was away; the stream has them.
             if self.ready.is_empty() && !self.held.is_empty() {
                 self.read_stored().await;
+                // A replica may lag: only a gap that outlasts this wait means
+                // the first events are not to be had.
+                let stuck = *self.stuck_since.get_or_insert_with(Instant::now);
+                if self.ready.is_empty() && stuck.elapsed() >= FIRST_EVENTS_WAIT {
+                    self.start_unseen_attempts();
+                }
+            }
+            if !self.ready.is_empty() {
+                self.stuck_since = None;
             }
         }
     }
@@ -94,6 +110,22 @@ impl Follower {
             return; // seen already, live and then stored, or the other way round
         }
         self.held.insert((event.attempt, event.seq), event);
+        self.release();
+    }
+
+    /// An attempt none of whose events came yet, still missing its first
+    /// ones after the stream was read: they are not to be had (expired, or
+    /// a publisher that numbers from 1), so it starts at its earliest held.
+    fn start_unseen_attempts(&mut self) {
+        let firsts: Vec<(u32, u64)> = self.held.keys().copied().collect();
+        for (attempt, seq) in firsts {
+            self.next.entry(attempt).or_insert(seq);
+        }
+        self.release();
+    }
+
+    /// Hands on every held event whose predecessors have all been handed on.
+    fn release(&mut self) {
         while let Some(key) =
             self.held.keys().find(|(attempt, seq)| *seq == self.next.get(attempt).copied().unwrap_or(0)).copied()
         {

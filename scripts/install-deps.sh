@@ -5,7 +5,8 @@
 #                                    the openai Python client (API compatibility test),
 #                                    espeak-ng and ffmpeg (speech test audio),
 #                                    fonts (OCR test images),
-#                                    prometheus (the metrics test's scraper)
+#                                    prometheus (the metrics test's scraper),
+#                                    openssl (the TLS tests' certificates)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -55,6 +56,10 @@ if $want_test; then
   if [[ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf || ! -f /usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf ]]; then
     echo "installing fonts for the OCR test images"
     apt_install fonts-dejavu-core fonts-liberation
+  fi
+  if ! command -v openssl >/dev/null; then
+    echo "installing openssl (the TLS tests make their certificates with it)"
+    apt_install openssl
   fi
   if ! command -v prometheus >/dev/null; then
     echo "installing prometheus (the metrics test scrapes natter with it)"

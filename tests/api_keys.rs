@@ -48,7 +48,8 @@ async fn the_api_asks_for_a_key_and_the_openai_client_sends_it() {
     assert_eq!(fleet.status(), 200);
 
     // A key's jobs are its user's alone: another key cannot cancel them.
-    let chat = serde_json::json!({"model": TINY_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4});
+    let chat =
+        serde_json::json!({"model": TINY_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4});
     let done: serde_json::Value = http
         .post(format!("{}/v1/chat/completions", stack.url))
         .bearer_auth(KEY)

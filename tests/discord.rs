@@ -306,7 +306,9 @@ async fn scripted_worker(nats: &async_nats::Client, model: &'static str, answer:
             let job: Job = serde_json::from_slice(&msg.payload).unwrap();
             let mut bodies = vec![EventBody::Accepted { worker: "scripted".into(), model: model.into() }];
             let chars: Vec<char> = answer.chars().collect();
-            bodies.extend(chars.chunks(12).map(|piece| EventBody::Token { text: piece.iter().collect(), tokens: Vec::new() }));
+            bodies.extend(
+                chars.chunks(12).map(|piece| EventBody::Token { text: piece.iter().collect(), tokens: Vec::new() }),
+            );
             bodies.push(EventBody::Done {
                 result: JobResult::Chat { text: answer.clone(), finish_reason: FinishReason::Stop },
                 metrics: Metrics::default(),

@@ -97,12 +97,7 @@ impl Outcome {
 
 /// Runs `jobs` chats, `AT_ONCE` at a time, calling `disturb` with the count
 /// finished so far every 100 ms until they are all done.
-async fn run_jobs(
-    url: &str,
-    quiet: &[String],
-    jobs: usize,
-    mut disturb: impl FnMut(usize),
-) -> (Outcome, Duration) {
+async fn run_jobs(url: &str, quiet: &[String], jobs: usize, mut disturb: impl FnMut(usize)) -> (Outcome, Duration) {
     let http = reqwest::Client::new();
     let next = Arc::new(AtomicUsize::new(0));
     let finished = Arc::new(AtomicUsize::new(0));
@@ -221,7 +216,8 @@ async fn a_cluster_losing_workers_and_its_queue_leader_loses_no_job() {
 
     let js = async_nats::jetstream::new(cluster.settings().connect("drill").await.unwrap());
     let mut queue = js.get_stream(JOBS_STREAM).await.unwrap();
-    let leader = queue.info().await.unwrap().cluster.clone().and_then(|c| c.leader).expect("the job queue has a leader");
+    let leader =
+        queue.info().await.unwrap().cluster.clone().and_then(|c| c.leader).expect("the job queue has a leader");
     let mut leader_lost = false;
     let (mut outcome, wall) = run_jobs(&url, &quiet, jobs, |finished| {
         workers.kill_now_and_then();

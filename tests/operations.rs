@@ -205,5 +205,8 @@ async fn a_full_queue_answers_429_with_retry_after_and_keeps_the_jobs_it_took() 
     assert!(answer["choices"][0]["message"]["content"].as_str().unwrap().contains('1'), "{answer}");
     let metrics = get(&http, format!("{url}/metrics")).await.1;
     assert!(metrics.contains(r#"natter_jobs_total{kind="chat",outcome="busy"} 1"#), "{metrics}");
-    assert!(metrics.contains(r#"natter_http_requests_total{route="/v1/chat/completions",status="429"} 1"#), "{metrics}");
+    assert!(
+        metrics.contains(r#"natter_http_requests_total{route="/v1/chat/completions",status="429"} 1"#),
+        "{metrics}"
+    );
 }

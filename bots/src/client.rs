@@ -1,9 +1,9 @@
 //! The job client every front-end uses: submit a job, follow its events, cancel it.
 
-use async_nats::jetstream::object_store::ObjectStore;
-use async_nats::jetstream::{self, stream};
 use crate::follow::Follower;
 use crate::metrics::{FrontMetrics, JobWatch};
+use async_nats::jetstream::object_store::ObjectStore;
+use async_nats::jetstream::{self, stream};
 use futures::{Stream, StreamExt};
 use natter_shared::blob::BlobError;
 use natter_shared::jetstream::{consumer_name, ensure_streams, retry_while_electing, JetStreamSettings, JOBS_STREAM};
@@ -151,7 +151,8 @@ impl JobClient {
         payload: bytes::Bytes,
     ) -> Result<(), jetstream::context::PublishError> {
         let store = || async {
-            let publish = jetstream::message::PublishMessage::build().message_id(message_id.as_str()).payload(payload.clone());
+            let publish =
+                jetstream::message::PublishMessage::build().message_id(message_id.as_str()).payload(payload.clone());
             self.js.send_publish(subject.clone(), publish).await?.await.map(|_| ())
         };
         retry_while_electing(&format!("store on {subject}"), store, queue_full).await
@@ -216,35 +217,38 @@ impl JobClient {
         let events = Box::pin(self.events(job_id).await?);
         let watched = (self.metrics.clone(), JobWatch::new(kind));
         let state = (events, AttemptTracker::<U>::default(), std::collections::VecDeque::<U>::new(), false, watched);
-        Ok(futures::stream::unfold(state, |(mut events, mut tracker, mut pending, mut ended, mut watched)| async move {
-            loop {
-                if let Some(update) = pending.pop_front() {
-                    if update.is_terminal() {
-                        ended = true;
-                        pending.clear();
+        Ok(futures::stream::unfold(
+            state,
+            |(mut events, mut tracker, mut pending, mut ended, mut watched)| async move {
+                loop {
+                    if let Some(update) = pending.pop_front() {
+                        if update.is_terminal() {
+                            ended = true;
+                            pending.clear();
+                        }
+                        return Some((update, (events, tracker, pending, ended, watched)));
                     }
-                    return Some((update, (events, tracker, pending, ended, watched)));
-                }
-                if ended {
-                    return None;
-                }
-                let (metrics, watch) = &mut watched;
-                match events.next().await {
-                    Some(Ok(event)) => {
-                        watch.see(metrics, &event);
-                        pending.extend(tracker.apply(event));
-                    }
-                    Some(Err(e)) => {
-                        watch.lost(metrics);
-                        pending.push_back(U::failed(ErrorCode::Internal, e.to_string()));
-                    }
-                    None => {
-                        watch.lost(metrics);
+                    if ended {
                         return None;
                     }
+                    let (metrics, watch) = &mut watched;
+                    match events.next().await {
+                        Some(Ok(event)) => {
+                            watch.see(metrics, &event);
+                            pending.extend(tracker.apply(event));
+                        }
+                        Some(Err(e)) => {
+                            watch.lost(metrics);
+                            pending.push_back(U::failed(ErrorCode::Internal, e.to_string()));
+                        }
+                        None => {
+                            watch.lost(metrics);
+                            return None;
+                        }
+                    }
                 }
-            }
-        }))
+            },
+        ))
     }
 }
 
@@ -592,7 +596,10 @@ mod tests {
         let accepted = t.apply(ev(1, EventBody::Accepted { worker: "w1".into(), model: "m".into() }));
         assert_eq!(accepted, [AsrUpdate::Accepted { worker: "w1".into(), model: "m".into(), attempt: 1 }]);
         assert!(matches!(&t.apply(seg(1, "hello"))[..], [AsrUpdate::Segment(s)] if s.text == "hello"));
-        assert!(t.apply(ev(1, EventBody::Token { text: "x".into(), tokens: Vec::new() })).is_empty(), "tokens are not shown for asr");
+        assert!(
+            t.apply(ev(1, EventBody::Token { text: "x".into(), tokens: Vec::new() })).is_empty(),
+            "tokens are not shown for asr"
+        );
         let restarted = t.apply(seg(2, "hello again"));
         assert_eq!(restarted.len(), 2);
         assert_eq!(restarted[0], AsrUpdate::Restart { attempt: 2 });

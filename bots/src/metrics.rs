@@ -68,8 +68,13 @@ impl Default for FrontMetrics {
         let mut registry = Registry::with_prefix("natter");
         let requests = Family::default();
         registry.register("http_requests", "HTTP requests answered, by route and status", requests.clone());
-        let request_seconds = Family::<RouteLabels, Histogram>::new_with_constructor(latency_buckets as fn() -> Histogram);
-        registry.register("http_request_duration_seconds", "Time to answer (or start streaming)", request_seconds.clone());
+        let request_seconds =
+            Family::<RouteLabels, Histogram>::new_with_constructor(latency_buckets as fn() -> Histogram);
+        registry.register(
+            "http_request_duration_seconds",
+            "Time to answer (or start streaming)",
+            request_seconds.clone(),
+        );
         let first_token = Family::<ModelLabels, Histogram>::new_with_constructor(latency_buckets as fn() -> Histogram);
         registry.register(
             "time_to_first_token_seconds",
@@ -177,7 +182,10 @@ mod tests {
         watch.see(&metrics, &event(EventBody::Token { text: "a".into(), tokens: vec![1] }));
         watch.see(&metrics, &event(EventBody::Token { text: "b".into(), tokens: vec![2] }));
         let figures = Metrics { prompt_tokens: 7, completion_tokens: 2, ..Default::default() };
-        let done = EventBody::Done { result: JobResult::Chat { text: "ab".into(), finish_reason: FinishReason::Stop }, metrics: figures };
+        let done = EventBody::Done {
+            result: JobResult::Chat { text: "ab".into(), finish_reason: FinishReason::Stop },
+            metrics: figures,
+        };
         watch.see(&metrics, &event(done));
         watch.lost(&metrics);
         metrics.request("/v1/chat/completions", 200, Duration::from_millis(3));

@@ -156,7 +156,11 @@ async fn stream_named(js: &jetstream::Context, config: stream::Config) -> Result
 /// than asked for (say, from a single-node start) is raised, one with more is
 /// kept, since another process asked for them; the per-subject limit (the
 /// queue bound) follows the configuration.
-async fn reconcile(js: &jetstream::Context, stream: &mut stream::Stream, wanted: &stream::Config) -> Result<(), SetupError> {
+async fn reconcile(
+    js: &jetstream::Context,
+    stream: &mut stream::Stream,
+    wanted: &stream::Config,
+) -> Result<(), SetupError> {
     let current = stream.cached_info().config.clone();
     // The server shows "no limit" as -1 where a request may say 0.
     let per_subject = |c: &stream::Config| c.max_messages_per_subject.max(0);

@@ -131,7 +131,6 @@ impl InProcessWorker {
         InProcessWorker { stop: Some(stop), task: Some(task) }
     }
 
-
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());

@@ -470,7 +470,8 @@ mod tests {
         assert_eq!(longest_answer(events.clone(), 3), [1, 2, 3, 4]);
         assert_eq!(longest_answer(events, 2), [1, 2, 3]);
         // Text without ids (a worker that did not send them) ends the answer.
-        let old = vec![accepted(1), token(1, 1, &[5]), event(1, 2, EventBody::Token { text: "y".into(), tokens: vec![] })];
+        let old =
+            vec![accepted(1), token(1, 1, &[5]), event(1, 2, EventBody::Token { text: "y".into(), tokens: vec![] })];
         assert_eq!(longest_answer(old, 2), [5]);
     }
 }

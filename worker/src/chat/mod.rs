@@ -92,7 +92,10 @@ pub enum SequenceEvent {
     /// New answer text, and the token ids sampled since the last text (some
     /// tokens add no text until a later one completes a character or rules
     /// out a stop string).
-    Text { text: String, tokens: Vec<u32> },
+    Text {
+        text: String,
+        tokens: Vec<u32>,
+    },
     Finished(Result<Completed, EngineError>),
 }
 

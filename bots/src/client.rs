@@ -56,6 +56,17 @@ struct Owners {
 /// Jobs whose submitter a front-end remembers.
 const OWNERS_KEPT: usize = 100_000;
 
+impl Owners {
+    fn remember(&mut self, job_id: Uuid, user: &str) {
+        self.users.insert(job_id, user.to_string());
+        self.order.push_back(job_id);
+        if self.order.len() > OWNERS_KEPT {
+            let oldest = self.order.pop_front().expect("the log is not empty");
+            self.users.remove(&oldest);
+        }
+    }
+}
+
 impl JobClient {
     pub async fn connect(nats: &NatsSettings, settings: &JetStreamSettings) -> Result<Self, ClientError> {
         let client = nats.connect("natter-bots").await?;
@@ -84,13 +95,7 @@ impl JobClient {
         let payload = serde_json::to_vec(job).map_err(|e| ClientError::Submit(e.to_string()))?;
         match self.publish_stored(subjects::job(job.kind(), &job.model), job.id.to_string(), payload.into()).await {
             Ok(()) => {
-                let mut owners = self.owners.lock().unwrap();
-                owners.users.insert(job.id, job.origin.user.clone());
-                owners.order.push_back(job.id);
-                if owners.order.len() > OWNERS_KEPT {
-                    let oldest = owners.order.pop_front().expect("the log is not empty");
-                    owners.users.remove(&oldest);
-                }
+                self.owners.lock().unwrap().remember(job.id, &job.origin.user);
                 Ok(())
             }
             Err(e) if queue_full(&e) => {
